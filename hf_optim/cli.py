@@ -1,0 +1,69 @@
+"""``hf-optim``: list, and (as they land) recommend, memory, schedule, bench, compare.
+
+Each subcommand is a ``(name, help, add_arguments, run)`` entry in ``COMMANDS``;
+``run(args)`` returns the process exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+Command = tuple[str, str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
+
+
+def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
+    """A plain aligned text table."""
+    cells = [[str(row.get(c, "")) for c in columns] for row in rows]
+    widths = [max([len(c), *(len(r[i]) for r in cells)]) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip())
+    print("  ".join("-" * w for w in widths))
+    for r in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
+
+
+def _list_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def _list(args: argparse.Namespace) -> int:
+    from . import registry
+
+    rows = []
+    for name in registry.hf_optim_names():
+        spec = registry.get_spec(name)
+        defaults = {k: v for k, v in spec.defaults.items() if k not in ("execution", "placement", "state_precision")}
+        rows.append({"name": name, "description": spec.description, "defaults": defaults})
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+        return 0
+    print_table(
+        [{**r, "defaults": ", ".join(f"{k}={v}" for k, v in r["defaults"].items())} for r in rows],
+        ["name", "description", "defaults"],
+    )
+    passthrough = sorted(set(registry.transformers_names()) - set(registry.hf_optim_names()))
+    print(f"\nPassed through to transformers: {', '.join(passthrough)}")
+    return 0
+
+
+COMMANDS: list[Command] = [
+    ("list", "every optimizer name with what it is for and its defaults", _list_args, _list),
+]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="hf-optim", description="Optimizers for HuggingFace Trainer.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    runners = {}
+    for name, help_text, add_arguments, run in COMMANDS:
+        add_arguments(sub.add_parser(name, help=help_text, description=help_text))
+        runners[name] = run
+    args = parser.parse_args(argv)
+    return runners[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

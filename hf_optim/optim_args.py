@@ -1,0 +1,134 @@
+"""One typed parser for ``optim_args``: JSON or ``k=v,...``, checked against a signature.
+
+Accepts ``'{"betas": [0.9, 0.99]}'``, ``"betas=(0.9,0.99),eps=1e-6,amsgrad=true"``
+or a mapping. Values are coerced to the type of the hyperparameter's default
+(so YAML's ``"1e-5"`` becomes a float and ``"False"`` becomes ``False``, never
+``bool("False")``); an unknown key is an error that lists the valid ones.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import json
+import math
+from collections.abc import Mapping
+from typing import Any
+
+_BOOLS = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False}
+
+
+def parse_optim_args(text: str | Mapping[str, Any] | None) -> dict[str, Any]:
+    """Parse ``optim_args`` into a dict of Python values (not yet type-checked)."""
+    if text is None:
+        return {}
+    if isinstance(text, Mapping):
+        return dict(text)
+    text = text.strip()
+    if not text:
+        return {}
+    if text.startswith("{"):
+        try:
+            parsed = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"optim_args is not valid JSON: {err}") from None
+        if not isinstance(parsed, dict):
+            raise ValueError(f"optim_args JSON must be an object, got {type(parsed).__name__}")
+        return parsed
+    out: dict[str, Any] = {}
+    for item in _split_top_level(text):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"optim_args: expected key=value, got {item.strip()!r}")
+        if key in out:
+            raise ValueError(f"optim_args: key {key!r} given twice")
+        out[key] = _literal(value.strip())
+    return out
+
+
+def _split_top_level(text: str) -> list[str]:
+    """Split on commas outside brackets and quotes: ``betas=(0.9,0.99),eps=1e-8``."""
+    items, depth, quote, start = [], 0, "", 0
+    for i, ch in enumerate(text):
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
+    items.append(text[start:])
+    return [item for item in items if item.strip()]
+
+
+def _literal(value: str) -> Any:
+    if value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    try:
+        return ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return value  # a bare word such as a codec name
+
+
+def coerce_optim_args(
+    values: Mapping[str, Any], defaults: Mapping[str, Any], owner: str
+) -> dict[str, Any]:
+    """Check ``values`` against ``defaults`` (the signature) and coerce each type."""
+    out = {}
+    for key, value in values.items():
+        if key not in defaults:
+            hint = difflib.get_close_matches(key, list(defaults), n=1)
+            raise ValueError(
+                f"optim_args: unknown key {key!r} for {owner}"
+                + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                + f"; valid keys: {', '.join(sorted(defaults))}"
+            )
+        out[key] = _coerce(key, value, defaults[key], owner)
+    return out
+
+
+def _coerce(key: str, value: Any, default: Any, owner: str) -> Any:
+    def fail(expected: str) -> ValueError:
+        return ValueError(f"optim_args: {key}={value!r} for {owner} is not {expected}")
+
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in _BOOLS:
+            return _BOOLS[value.lower()]
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise fail("a boolean (true/false)")
+    if isinstance(default, tuple):
+        if isinstance(value, str):
+            value = _literal(value)
+        if not isinstance(value, list | tuple) or len(value) != len(default):
+            raise fail(f"a tuple of {len(default)} numbers")
+        return tuple(_coerce(key, v, d, owner) for v, d in zip(value, default, strict=True))
+    if isinstance(default, int | float) or default is None:
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                if default is None:
+                    return value
+                raise fail("a number") from None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            if default is None:
+                return value
+            raise fail("a number")
+        if isinstance(default, int) and not isinstance(default, bool) and float(value).is_integer():
+            return int(value)
+        if math.isnan(float(value)):
+            raise fail("a number (got NaN)")
+        return float(value)
+    if isinstance(default, str):
+        if not isinstance(value, str):
+            raise fail("a string")
+        return value
+    return value

@@ -1,0 +1,79 @@
+"""AdamW: Adam with decoupled weight decay.
+
+Loshchilov & Hutter, "Decoupled Weight Decay Regularization", ICLR 2019
+(arXiv:1711.05101), on Kingma & Ba, "Adam", ICLR 2015 (arXiv:1412.6980).
+
+With gradient g_t, step t, learning rate lr and weight decay wd::
+
+    p   <- p * (1 - lr * wd)                      # decoupled decay, before the step
+    m   <- beta1 * m + (1 - beta1) * g
+    v   <- beta2 * v + (1 - beta2) * g^2
+    v^  <- max(v^, v)                             # only with amsgrad
+    p   <- p - lr / (1 - beta1^t) * m / (sqrt(v / (1 - beta2^t)) + eps)
+
+Defaults are torch.optim.AdamW's (lr 1e-3, betas (0.9, 0.999), eps 1e-8,
+weight decay 1e-2). For fine-tuning transformers, lr 1e-5..5e-5 with warmup
+is the usual start; beta2 0.95..0.98 steadies large or unstable runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from torch import Tensor
+
+from .base import Buffer, NormFn, UpdateRule, check_betas, check_eps, check_lr, check_weight_decay
+
+
+class AdamW(UpdateRule):
+    name = "adamw"
+    description = "Adam with decoupled weight decay: the default for transformers"
+    defaults = {
+        "lr": 1e-3,
+        "betas": (0.9, 0.999),
+        "eps": 1e-8,
+        "weight_decay": 1e-2,
+        "amsgrad": False,
+        "maximize": False,
+    }
+    flag_names = frozenset({"amsgrad", "maximize"})
+
+    @classmethod
+    def buffers(cls, flags: Mapping[str, Any]) -> tuple[Buffer, ...]:
+        moments = (Buffer("exp_avg", "signed"), Buffer("exp_avg_sq", "unsigned"))
+        return moments + ((Buffer("max_exp_avg_sq", "unsigned"),) if flags["amsgrad"] else ())
+
+    @classmethod
+    def validate(cls, group: Mapping[str, Any]) -> None:
+        check_lr(group["lr"])
+        check_eps(group["eps"])
+        check_betas(group["betas"])
+        check_weight_decay(group["weight_decay"])
+
+    @staticmethod
+    def update(
+        p: Tensor,
+        g: Tensor,
+        state: dict[str, Tensor],
+        step: Tensor,
+        hp: Mapping[str, Tensor],
+        flags: Mapping[str, Any],
+        norm: NormFn,
+    ) -> None:
+        lr, beta1, beta2 = hp["lr"], hp["beta1"], hp["beta2"]
+        if flags["maximize"]:
+            g = -g
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+
+        p.mul_(1 - lr * hp["weight_decay"])
+        exp_avg.lerp_(g, 1 - beta1)
+        exp_avg_sq.mul_(beta2).add_(g * g * (1 - beta2))
+        if flags["amsgrad"]:
+            state["max_exp_avg_sq"].copy_(state["max_exp_avg_sq"].maximum(exp_avg_sq))
+            exp_avg_sq = state["max_exp_avg_sq"]
+
+        bias_correction1 = 1 - beta1**step
+        bias_correction2_sqrt = (1 - beta2**step).sqrt()
+        denom = exp_avg_sq.sqrt() / bias_correction2_sqrt + hp["eps"]
+        p.sub_(exp_avg / denom * (lr / bias_correction1))

@@ -1,0 +1,121 @@
+"""The contract every update rule follows.
+
+A rule is the math of one optimizer for one parameter, written once in fp32:
+it receives the parameter, its gradient and its state buffers as fp32 tensors
+(1-D views, possibly temporaries decoded from 8-bit storage) and updates them
+in place. It never sees devices, dtypes, quantization or paging: the engine
+(``hf_optim.engine``) and the storage codecs (``hf_optim.state``) own those.
+
+The same ``update`` runs eagerly (the reference) and under ``torch.compile``
+(the fast path), so it must be traceable: tensor ops only, hyperparameters
+arrive as 0-d fp32 tensors in ``hp`` (changing them never recompiles), and
+structural options (booleans such as ``amsgrad``) arrive in ``flags``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+from torch import Tensor
+
+#: How a state buffer is distributed, so storage can pick a code map:
+#: ``signed`` (a first moment), ``unsigned`` (a second moment, >= 0),
+#: ``param`` (a copy of the parameter, e.g. Lookahead's slow weights).
+BufferKind = Literal["signed", "unsigned", "param"]
+
+#: Computes the L2 norm of a whole parameter-shaped tensor. Rules with
+#: layer-wise norms (LAMB, LARS, StableAdamW) must use it instead of
+#: ``torch.linalg.vector_norm`` so a sharded parameter gets its global norm.
+NormFn = Callable[[Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class Buffer:
+    name: str
+    kind: BufferKind
+
+
+class UpdateRule:
+    """Base class: subclasses set the class attributes and implement ``update``."""
+
+    #: registry name of the rule (``adamw``, ``lion``, ...)
+    name: ClassVar[str]
+    #: every hyperparameter with its default; the optimizer accepts exactly these
+    defaults: ClassVar[Mapping[str, Any]]
+    #: hyperparameters that are structural (change the graph): passed in ``flags``
+    flag_names: ClassVar[frozenset[str]] = frozenset()
+    #: a one-line description for ``hf-optim list``
+    description: ClassVar[str] = ""
+
+    @classmethod
+    def buffers(cls, flags: Mapping[str, Any]) -> tuple[Buffer, ...]:
+        """The state buffers one parameter needs under these flags."""
+        raise NotImplementedError
+
+    @classmethod
+    def validate(cls, group: Mapping[str, Any]) -> None:
+        """Raise ``ValueError`` in PyTorch's wording for an invalid value."""
+        check_lr(group["lr"])
+
+    @classmethod
+    def scalars(cls, group: Mapping[str, Any]) -> dict[str, float]:
+        """The group's numeric hyperparameters as named floats (tuples split)."""
+        out: dict[str, float] = {}
+        for key, value in group.items():
+            if key not in cls.defaults or key in cls.flag_names:
+                continue
+            if isinstance(value, tuple | list):
+                for i, v in enumerate(value, start=1):
+                    out[f"{key.rstrip('s')}{i}"] = float(v)  # betas -> beta1, beta2
+            else:
+                out[key] = value if isinstance(value, Tensor) else float(value)
+        return out
+
+    @staticmethod
+    def update(
+        p: Tensor,
+        g: Tensor,
+        state: dict[str, Tensor],
+        step: Tensor,
+        hp: Mapping[str, Tensor],
+        flags: Mapping[str, Any],
+        norm: NormFn,
+    ) -> None:
+        """Advance ``p`` and ``state`` by one step, in place (fp32, 1-D)."""
+        raise NotImplementedError
+
+
+# --- validation helpers, worded as torch.optim words them -------------------------
+
+
+def _as_float(value: Any) -> float:
+    return float(value.item()) if isinstance(value, Tensor) else float(value)
+
+
+def check_lr(lr: Any) -> None:
+    if isinstance(lr, Tensor) and lr.numel() != 1:
+        raise ValueError("Tensor lr must be 1-element")
+    if not 0.0 <= _as_float(lr):
+        raise ValueError(f"Invalid learning rate: {lr}")
+
+
+def check_eps(eps: Any) -> None:
+    if not 0.0 <= _as_float(eps):
+        raise ValueError(f"Invalid epsilon value: {eps}")
+
+
+def check_weight_decay(weight_decay: Any) -> None:
+    if not 0.0 <= _as_float(weight_decay):
+        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+
+
+def check_betas(betas: Any, count: int = 2) -> None:
+    if not isinstance(betas, tuple | list) or len(betas) != count:
+        raise ValueError(f"Invalid betas: {betas!r} (expected a tuple of {count} floats)")
+    for i, beta in enumerate(betas):
+        value = _as_float(beta)
+        if not 0.0 <= value < 1.0 or math.isnan(value):
+            raise ValueError(f"Invalid beta parameter at index {i}: {beta}")
