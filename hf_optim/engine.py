@@ -178,7 +178,7 @@ class Optimizer(torch.optim.Optimizer):
                 if hp is None:
                     hp = hp_by_device[local.device] = _as_tensors(scalars, local.device)
                 if local.is_contiguous():
-                    self._step_fn(p, name, group)(*_flat(local, grad), state, hp)
+                    self._step_fn(p, name, group)(*_flat(local, grad, state), hp)
                 else:
                     self._step_strided(p, name, group, local, grad, state, hp)
         return loss
@@ -194,7 +194,7 @@ class Optimizer(torch.optim.Optimizer):
     def _step_strided(self, p, name, group, local, grad, state, hp) -> None:
         # non-contiguous parameter: step a contiguous copy, then write it back
         flat = local.contiguous()
-        self._step_fn(p, name, group)(*_flat(flat, grad), state, hp)
+        self._step_fn(p, name, group)(*_flat(flat, grad, state), hp)
         local.copy_(flat)
 
     # --- state dict -------------------------------------------------------------------
@@ -290,8 +290,10 @@ def _local(t: Tensor) -> Tensor:
     return to_local() if to_local is not None else t
 
 
-def _flat(p: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
-    return p.view(-1), g.reshape(-1)
+def _flat(p: Tensor, g: Tensor, state: Mapping[str, Tensor]) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    # every tensor 1-D: one compiled graph for all shapes (and inductor parallelizes 1-D loops best)
+    flat = {k: v if v.dim() == 1 or k == "step" else v.view(-1) for k, v in state.items()}
+    return p.view(-1), g.reshape(-1), flat
 
 
 def _as_tensors(scalars: Mapping[str, Any], device: torch.device) -> dict[str, Tensor]:

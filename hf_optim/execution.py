@@ -42,7 +42,7 @@ def make_step(
     """The step for one configuration: ``fn(p, g, stored, hp)`` updates in place.
 
     ``stored`` is the parameter's state dict (``step`` plus each codec's
-    tensors); ``p`` and ``g`` are 1-D and share a layout.
+    tensors, flattened); ``p`` and ``g`` are 1-D and share a layout.
     """
     low_precision = param_dtype != torch.float32
 
@@ -52,8 +52,11 @@ def make_step(
         p32 = p.float()
         if kahan:
             p32 = p32 + stored[KAHAN_KEY].float()
+        c = rule.coefficients(hp, step, flags)
+        # one realized buffer: inductor would otherwise recompute the scalar math per element
+        c = dict(zip(c, torch.stack(list(c.values())).unbind(0)))
         state = {buffer.name: codec.decode(stored, buffer, p.numel()) for buffer, codec in codecs}
-        rule.update(p32, g.float(), state, step, hp, flags, norm)
+        rule.update(p32, g.float(), state, c, flags, norm)
         for buffer, codec in codecs:
             codec.encode(state[buffer.name], stored, buffer)
         if low_precision:

@@ -52,28 +52,36 @@ class AdamW(UpdateRule):
         check_weight_decay(group["weight_decay"])
 
     @staticmethod
+    def coefficients(hp: Mapping[str, Tensor], step: Tensor, flags: Mapping[str, Any]) -> dict[str, Tensor]:
+        lr, beta1, beta2 = hp["lr"], hp["beta1"], hp["beta2"]
+        return {
+            "decay": 1 - lr * hp["weight_decay"],
+            "beta1": beta1,
+            "one_minus_beta1": 1 - beta1,
+            "beta2": beta2,
+            "one_minus_beta2": 1 - beta2,
+            "step_size": lr / (1 - beta1**step),
+            "inv_bias_correction2_sqrt": (1 - beta2**step).rsqrt(),
+            "eps": hp["eps"],
+        }
+
+    @staticmethod
     def update(
         p: Tensor,
         g: Tensor,
         state: dict[str, Tensor],
-        step: Tensor,
-        hp: Mapping[str, Tensor],
+        c: Mapping[str, Tensor],
         flags: Mapping[str, Any],
         norm: NormFn,
     ) -> None:
-        lr, beta1, beta2 = hp["lr"], hp["beta1"], hp["beta2"]
         if flags["maximize"]:
             g = -g
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-
-        p.mul_(1 - lr * hp["weight_decay"])
-        exp_avg.lerp_(g, 1 - beta1)
-        exp_avg_sq.mul_(beta2).add_(g * g * (1 - beta2))
+        p.mul_(c["decay"])
+        exp_avg.mul_(c["beta1"]).add_(g * c["one_minus_beta1"])
+        exp_avg_sq.mul_(c["beta2"]).add_(g * g * c["one_minus_beta2"])
         if flags["amsgrad"]:
             state["max_exp_avg_sq"].copy_(state["max_exp_avg_sq"].maximum(exp_avg_sq))
             exp_avg_sq = state["max_exp_avg_sq"]
-
-        bias_correction1 = 1 - beta1**step
-        bias_correction2_sqrt = (1 - beta2**step).sqrt()
-        denom = exp_avg_sq.sqrt() / bias_correction2_sqrt + hp["eps"]
-        p.sub_(exp_avg / denom * (lr / bias_correction1))
+        denom = exp_avg_sq.sqrt() * c["inv_bias_correction2_sqrt"] + c["eps"]
+        p.sub_(exp_avg / denom * c["step_size"])

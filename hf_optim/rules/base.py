@@ -6,10 +6,17 @@ it receives the parameter, its gradient and its state buffers as fp32 tensors
 in place. It never sees devices, dtypes, quantization or paging: the engine
 (``hf_optim.engine``) and the storage codecs (``hf_optim.state``) own those.
 
-The same ``update`` runs eagerly (the reference) and under ``torch.compile``
-(the fast path), so it must be traceable: tensor ops only, hyperparameters
-arrive as 0-d fp32 tensors in ``hp`` (changing them never recompiles), and
-structural options (booleans such as ``amsgrad``) arrive in ``flags``.
+A rule has two halves, both traceable (tensor ops only) because the same
+code runs eagerly (the reference) and under ``torch.compile`` (the fast path):
+
+- ``coefficients(hp, step, flags)``: the scalar math of one step (bias
+  corrections, step sizes) from the 0-d fp32 hyperparameters ``hp`` and the
+  parameter's step count. Computed once per step, never per element.
+- ``update(p, g, state, c, flags, norm)``: the elementwise math, using the
+  coefficients ``c``.
+
+Hyperparameters are tensors, so changing them never recompiles; structural
+options (booleans such as ``amsgrad``) arrive in ``flags``.
 """
 
 from __future__ import annotations
@@ -75,12 +82,16 @@ class UpdateRule:
         return out
 
     @staticmethod
+    def coefficients(hp: Mapping[str, Tensor], step: Tensor, flags: Mapping[str, Any]) -> dict[str, Tensor]:
+        """Scalar (0-d) values ``update`` needs this step; ``step`` counts from 1."""
+        return dict(hp)
+
+    @staticmethod
     def update(
         p: Tensor,
         g: Tensor,
         state: dict[str, Tensor],
-        step: Tensor,
-        hp: Mapping[str, Tensor],
+        c: Mapping[str, Tensor],
         flags: Mapping[str, Any],
         norm: NormFn,
     ) -> None:

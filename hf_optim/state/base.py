@@ -6,8 +6,9 @@ and the fp32 working value an update rule operates on. Codecs know nothing of
 any particular rule: they only see a buffer's name and its kind
 (``signed``/``unsigned``/``param``).
 
-All working values are 1-D (the engine flattens parameters), so a codec can
-block, pad and reshape freely.
+All working values are 1-D, and ``decode``/``encode`` receive every stored
+tensor already flattened to 1-D by the engine: views taken inside the compiled
+step keep inductor from parallelizing the loop, so codecs take none on input.
 """
 
 from __future__ import annotations

@@ -24,12 +24,13 @@ class DenseCodec(StateCodec):
         return {buffer.name: torch.zeros(like.shape, dtype=self.dtype, device=like.device)}
 
     def decode(self, stored: Mapping[str, Tensor], buffer: Buffer, numel: int) -> Tensor:
-        return stored[buffer.name].view(-1).float()  # fp32: a view, updated in place
+        tensor = stored[buffer.name]  # the engine passes it flattened
+        return tensor.float()  # fp32: the tensor itself, updated in place
 
     def encode(self, value: Tensor, stored: MutableMapping[str, Tensor], buffer: Buffer) -> None:
         target = stored[buffer.name]
-        if target.dtype != torch.float32:  # fp32 storage was updated in place through the view
-            target.view(-1).copy_(value)
+        if target.dtype != torch.float32:  # fp32 storage was updated in place
+            target.copy_(value)
 
     def nbytes(self, numel: int) -> int:
         return numel * self.dtype.itemsize

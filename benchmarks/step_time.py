@@ -1,0 +1,128 @@
+"""Optimizer step time: every candidate measured interleaved in one run.
+
+    python benchmarks/step_time.py --numel 16.8M --tensors 8 128 --only adamw
+
+For each (numel, tensor count) configuration, every candidate gets its own
+parameters with the same shapes; after warm-up (and compilation) the
+candidates take turns, one step each, in a shuffled order every round, so
+machine noise (this kind of machine's memory bandwidth swings ~2x between
+runs) hits them alike. Prints the median step time and its ratio to
+``torch.optim.AdamW(fused=True)``. Only same-run ratios mean anything.
+
+Candidates register in ``CANDIDATES``: name -> factory(params) -> optimizer;
+a factory whose peer package is missing is skipped with a note.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import hf_optim
+
+Factory = Callable[[list[torch.Tensor]], torch.optim.Optimizer]
+BASELINE = "torch AdamW fused"
+
+
+def _optimi(name: str) -> Factory:
+    def build(params):
+        import optimi
+
+        return getattr(optimi, name)(params, lr=1e-3, weight_decay=0.01, foreach=True)
+
+    return build
+
+
+CANDIDATES: dict[str, Factory] = {
+    BASELINE: lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True),
+    "torch AdamW foreach": lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True),
+    "optimi AdamW": _optimi("AdamW"),
+    "hf_optim adamw eager": lambda ps: hf_optim.AdamW(ps, lr=1e-3, execution="eager"),
+    "hf_optim adamw compiled": lambda ps: hf_optim.AdamW(ps, lr=1e-3, execution="compiled"),
+}
+
+
+def parse_count(text: str) -> int:
+    scale = {"K": 1e3, "M": 1e6, "G": 1e9, "B": 1e9}
+    text = text.strip().upper()
+    return int(float(text[:-1]) * scale[text[-1]]) if text[-1] in scale else int(text)
+
+
+def make_shapes(numel: int, tensors: int) -> list[tuple[int, ...]]:
+    """``tensors`` 2-D shapes (rows of 256) adding up to ~``numel``, all multiples of 256."""
+    rows = max(1, numel // (tensors * 256))
+    return [(rows, 256)] * tensors
+
+
+def measure(names: list[str], shapes: list[tuple[int, ...]], steps: int, warmup: int, seed: int = 0) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    runs = {}
+    for name in names:
+        params = [torch.randn(s, generator=gen).requires_grad_() for s in shapes]
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen) * 1e-2
+        try:
+            t0 = time.perf_counter()
+            opt = CANDIDATES[name](params)
+            for _ in range(warmup):
+                opt.step()
+            runs[name] = {"opt": opt, "times": [], "warmup_s": time.perf_counter() - t0}
+        except ImportError as err:
+            print(f"  skip {name}: {err}")
+    order = list(runs)
+    rng = random.Random(seed)
+    for _ in range(steps):
+        rng.shuffle(order)
+        for name in order:
+            t0 = time.perf_counter()
+            runs[name]["opt"].step()
+            runs[name]["times"].append(time.perf_counter() - t0)
+    return runs
+
+
+def report(runs: dict, title: str) -> list[dict]:
+    base = statistics.median(runs[BASELINE]["times"]) if BASELINE in runs else None
+    print(f"\n{title}")
+    print(f"  {'candidate':34s} {'median ms':>10s} {'x fused':>8s} {'warm-up s':>10s}")
+    rows = []
+    for name, run in runs.items():
+        med = statistics.median(run["times"])
+        ratio = med / base if base else float("nan")
+        rows.append({"candidate": name, "median_ms": med * 1e3, "ratio": ratio, "warmup_s": run["warmup_s"]})
+        print(f"  {name:34s} {med * 1e3:10.2f} {ratio:8.2f} {run['warmup_s']:10.1f}")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--numel", nargs="+", default=["16.8M"], help="total parameter counts, e.g. 16.8M 67.1M")
+    parser.add_argument("--tensors", nargs="+", type=int, default=[8, 128])
+    parser.add_argument("--steps", type=int, default=30, help="timed steps per candidate")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--only", nargs="*", default=[], help="substrings: keep matching candidates (+ baseline)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    names = [n for n in CANDIDATES if n == BASELINE or not args.only or any(s in n for s in args.only)]
+    print(f"torch {torch.__version__}, {args.threads} threads, {args.steps} interleaved steps, medians")
+    for numel in map(parse_count, args.numel):
+        for tensors in args.tensors:
+            shapes = make_shapes(numel, tensors)
+            total = sum(r * c for r, c in shapes)
+            runs = measure(names, shapes, args.steps, args.warmup)
+            report(runs, f"{total / 1e6:.1f}M params in {tensors} tensors")
+            del runs
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
