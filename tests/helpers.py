@@ -1,0 +1,46 @@
+"""Shared test fixtures: tiny real models and data, and the optimizer lockstep checks."""
+
+from __future__ import annotations
+
+import io
+
+import torch
+from datasets import Dataset
+
+
+def tiny_bert(seed: int = 0, dropout: float = 0.1):
+    """A 2-layer BERT classifier built from a config (no download), with dropout."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=32, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
+    )
+    return BertForSequenceClassification(config)
+
+
+def tiny_dataset(n: int = 64, seq: int = 16, seed: int = 0) -> Dataset:
+    """A learnable task: the label is whether token 1 is in the upper half of the vocabulary."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 128, (n, seq), generator=gen)
+    return Dataset.from_dict({"input_ids": ids.tolist(), "labels": (ids[:, 1] >= 64).long().tolist()})
+
+
+def quadratic_params(seed: int = 0, shapes=((10, 5), (10,), (3, 4, 2), ())) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=gen) for s in shapes]
+
+
+def set_grads(params, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
+
+
+def roundtrip(state_dict: dict) -> dict:
+    """Save and load through torch.save / torch.load(weights_only=True)."""
+    buf = io.BytesIO()
+    torch.save(state_dict, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
