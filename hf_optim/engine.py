@@ -18,10 +18,10 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from .execution import EXECUTOR, KAHAN_KEY, compiler_available, local_norm, make_step
+from .execution import EXECUTOR, KAHAN_KEY, StepConfig, StepItem, compiler_available, local_norm
 from .rules.base import Buffer, UpdateRule
-from .state import CODECS, StateCodec, codec_for
-from .state.placement import PLACEMENTS
+from .state import CODECS, MIN_8BIT_SIZE, StateCodec, codec_for, validate_policy
+from .state.placement import PLACEMENTS, build_placement
 
 #: version of the state-dict layout, stored in every saved param group
 FORMAT_VERSION = 1
@@ -31,6 +31,8 @@ _FORMAT_KEY = "hf_optim_format"
 ENGINE_DEFAULTS: dict[str, Any] = {
     "state_precision": "fp32",  # a codec name: fp32, bf16, 8bit (per group)
     "kahan_sum": True,  # compensate rounding of bf16/fp16 params (no effect on fp32 ones)
+    "min_8bit_size": MIN_8BIT_SIZE,  # smaller tensors keep fp32 state under 8bit
+    "fp32_patterns": None,  # name regexes kept fp32 under 8bit (None: embeddings, lm_head, norms)
 }
 EXECUTIONS = ("auto", "eager", "compiled")
 #: ``execution="auto"`` compiles once the model is big enough to repay compile time
@@ -47,6 +49,11 @@ class Optimizer(torch.optim.Optimizer):
             when a compiler is present).
         placement: where state lives between steps: ``"device"`` (beside the parameter)
             or another registered placement (``"paged"``).
+        paged_budget: with ``placement="paged"``: bytes of state kept beside the parameters
+            (a number > 1 or ``"2GiB"``), a fraction of the free memory (``0.5`` or ``"50%"``),
+            or ``None``/``"auto"`` (half of what is free); the rest is paged. Error otherwise.
+        paged_dir: with ``placement="paged"`` on CPU: the spill directory for file-backed
+            state (default ``tempfile.gettempdir()``). Error otherwise.
         state_precision: storage of the state buffers, ``"fp32"`` or ``"bf16"``
             (``"8bit"`` once registered); settable per param group.
         kahan_sum: keep a compensation buffer for bf16/fp16 params so small updates
@@ -62,6 +69,8 @@ class Optimizer(torch.optim.Optimizer):
         *,
         execution: str = "auto",
         placement: str = "device",
+        paged_budget: float | str | None = None,
+        paged_dir: str | None = None,
         **hyperparameters: Any,
     ) -> None:
         cls_name = type(self).__name__
@@ -70,7 +79,7 @@ class Optimizer(torch.optim.Optimizer):
         if unknown:
             raise TypeError(
                 f"{cls_name} got unexpected keyword argument(s) {', '.join(map(repr, unknown))}; "
-                f"valid: {', '.join(sorted([*allowed, 'execution', 'placement']))}"
+                f"valid: {', '.join(sorted([*allowed, 'execution', 'placement', 'paged_budget', 'paged_dir']))}"
             )
         if placement not in PLACEMENTS:
             raise ValueError(f"Invalid placement: {placement!r} (allowed: {', '.join(PLACEMENTS)})")
@@ -82,6 +91,9 @@ class Optimizer(torch.optim.Optimizer):
                 defaults[key] = tuple(defaults[key])
         self.execution = execution
         self.placement = placement
+        # paged placement (hf_optim.state.paged): None for "device"; paged_* only with "paged"
+        self._pager = build_placement(placement, paged_budget=paged_budget, paged_dir=paged_dir)
+        self._configs: dict[tuple, StepConfig] = {}
         super().__init__(params, defaults)
         if execution == "compiled" and not compiler_available():
             warnings.warn("hf_optim: no C++ compiler or GPU found; the compiled step runs eagerly.", stacklevel=2)
@@ -106,6 +118,7 @@ class Optimizer(torch.optim.Optimizer):
                 f"Invalid state_precision: {group['state_precision']!r} "
                 f"(allowed: {', '.join(sorted(CODECS))})"
             )
+        validate_policy(group)
         for name, p in self._named(group):
             if p.is_complex():
                 raise ValueError(
@@ -122,10 +135,24 @@ class Optimizer(torch.optim.Optimizer):
         names = group.get("param_names") or [f"param {i}" for i in range(len(group["params"]))]
         return zip(names, group["params"], strict=True)
 
+    def __repr__(self) -> str:
+        lines = [f"{type(self).__name__} (execution={self.execution!r}, placement={self.placement!r}"]
+        for i, group in enumerate(self.param_groups):
+            lines.append(f"Parameter Group {i}")
+            lines.append(f"    params: {len(group['params'])} tensors")
+            lines.extend(f"    {k}: {group[k]}" for k in sorted(group) if k not in ("params", "param_names"))
+        return "\n".join(lines) + "\n)"
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**super().__getstate__(), "execution": self.execution, "placement": self.placement,
+                "_compiled": self._compiled, "_pager": self._pager}
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("execution", "auto")
         self.__dict__.setdefault("placement", "device")
+        self.__dict__.setdefault("_pager", None)
+        self.__dict__["_configs"] = {}  # keyed by id(param): never carried over
         self.__dict__.setdefault("_compiled", False)
         for group in self.param_groups:  # back-fill options added after a checkpoint was pickled
             for key, value in {**self.rule.defaults, **ENGINE_DEFAULTS}.items():
@@ -137,7 +164,7 @@ class Optimizer(torch.optim.Optimizer):
         return {key: group[key] for key in sorted(self.rule.flag_names)}
 
     def _layout(self, p: Tensor, name: str | None, group: Mapping[str, Any]) -> tuple[tuple[Buffer, StateCodec], ...]:
-        codec = codec_for(group["state_precision"], name, p.numel())
+        codec = codec_for(group["state_precision"], name, p.numel(), group["min_8bit_size"], group["fp32_patterns"])
         return tuple((buffer, codec) for buffer in self.rule.buffers(self._flags(group)))
 
     def _kahan(self, p: Tensor, group: Mapping[str, Any]) -> bool:
@@ -149,7 +176,7 @@ class Optimizer(torch.optim.Optimizer):
         for buffer, codec in self._layout(p, name, group):
             state.update(codec.allocate(buffer, local))
             if buffer.kind == "param":  # starts as a copy of the parameter
-                codec.encode(local.detach().reshape(-1).float(), state, buffer)
+                codec.encode(local.detach().reshape(-1).float().clone(), _flat_state(state), buffer)
         if self._kahan(p, group):
             state[KAHAN_KEY] = torch.zeros_like(local, memory_format=torch.contiguous_format)
         return state
@@ -164,7 +191,9 @@ class Optimizer(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             scalars = self.rule.scalars(group)
-            hp_by_device: dict[torch.device, dict[str, Tensor]] = {}
+            # parameters that share a configuration and device run as one bucket
+            buckets: dict[tuple, list[tuple[Tensor, Tensor, dict[str, Tensor], Tensor | None]]] = {}
+            owners: dict[tuple, list[Tensor]] = {}  # the parameters of each bucket, for the pager
             for name, p in self._named(group):
                 if p.grad is None:
                     continue
@@ -173,29 +202,40 @@ class Optimizer(torch.optim.Optimizer):
                 state = self.state[p]
                 if not state:
                     state.update(self._new_state(p, name, group))
+                    if self._pager is not None:  # paged placement: decide where the new state lives
+                        self._pager.place(p, state)
                 local, grad = _local(p), _local(p.grad)
-                hp = hp_by_device.get(local.device)
-                if hp is None:
-                    hp = hp_by_device[local.device] = _as_tensors(scalars, local.device)
-                if local.is_contiguous():
-                    self._step_fn(p, name, group)(*_flat(local, grad, state), hp)
-                else:
-                    self._step_strided(p, name, group, local, grad, state, hp)
+                key = (self._config(p, name, group), local.device)
+                buckets.setdefault(key, []).append(_flat(local, grad, state))
+                owners.setdefault(key, []).append(p)
+            for (config, device), items in buckets.items():
+                hp = _as_tensors(scalars, device)
+                if self._pager is None:
+                    EXECUTOR.run(self._compiled, config, items, hp)
+                else:  # paged placement: each paged state fetched to the device around its update
+                    run = lambda chunk, c=config, hp=hp: EXECUTOR.run(self._compiled, c, chunk, hp)  # noqa: E731
+                    self._pager.run(owners[(config, device)], items, run, self.state)
+        if self._pager is not None:
+            self._pager.end_step()
         return loss
 
-    def _step_fn(self, p: Tensor, name: str | None, group: Mapping[str, Any]):
-        layout = self._layout(p, name, group)
+    def _config(self, p: Tensor, name: str | None, group: Mapping[str, Any]) -> StepConfig:
+        """The step configuration of one parameter (cached: computed once per group setting)."""
         flags = self._flags(group)
-        kahan = self._kahan(p, group)
-        key = (self.rule, tuple((b, c.name) for b, c in layout), tuple(flags.items()), p.dtype, kahan)
-        build = lambda: make_step(self.rule, layout, flags, p.dtype, kahan, local_norm)  # noqa: E731
-        return EXECUTOR.get(self._compiled, key, build)
+        if self.rule.wants_param_ndim:  # e.g. LAMB/LARS: biases and norms (ndim <= 1) skip the trust ratio
+            flags["param_ndim"] = p.dim()
+        cache_key = (id(p), p.dtype, p.numel(), group["state_precision"], group["kahan_sum"], tuple(flags.items()))
+        config = self._configs.get(cache_key)
+        if config is None:
+            layout = self._layout(p, name, group)
+            config = StepConfig(self.rule, layout, tuple(flags.items()), p.dtype, self._kahan(p, group), _norm_for(p))
+            self._configs[cache_key] = config
+        return config
 
-    def _step_strided(self, p, name, group, local, grad, state, hp) -> None:
-        # non-contiguous parameter: step a contiguous copy, then write it back
-        flat = local.contiguous()
-        self._step_fn(p, name, group)(*_flat(flat, grad, state), hp)
-        local.copy_(flat)
+    def paging_stats(self) -> dict[str, float]:
+        """Paged placement telemetry (``{}`` when not paged): bytes resident / paged, bytes
+        moved, stall seconds and major page faults in the last step, and totals."""
+        return {} if self._pager is None else self._pager.stats()
 
     # --- state dict -------------------------------------------------------------------
 
@@ -203,6 +243,8 @@ class Optimizer(torch.optim.Optimizer):
         sd = super().state_dict()
         for group in sd["param_groups"]:
             group[_FORMAT_KEY] = FORMAT_VERSION
+        if self._pager is not None:  # paged tensors copied out into plain CPU tensors
+            sd = self._pager.export(sd)
         return sd
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
@@ -239,6 +281,8 @@ class Optimizer(torch.optim.Optimizer):
                 saved = state_dict["state"].get(saved_id)
                 if saved:
                     new_state[p] = self._convert(p, name, merged, saved)
+                    if self._pager is not None:  # off the device now, not after all are converted
+                        self._pager.place(p, new_state[p])
         # nothing above touched self: commit only now that everything converted
         self.param_groups = new_groups
         self.state = defaultdict(dict, new_state)
@@ -268,13 +312,14 @@ class Optimizer(torch.optim.Optimizer):
                 for key in codec.keys(buffer):
                     state[key] = saved[key].to(local.device).clone()
             else:
-                value = saved_codec.decode({k: saved[k].to(local.device) for k in saved}, buffer, local.numel())
+                on_device = {k: saved[k].to(local.device) for k in saved_codec.keys(buffer)}
+                value = saved_codec.decode(_flat_state(on_device), buffer, local.numel())
                 if value.numel() != local.numel():
                     raise ValueError(
                         f"loaded state for {name}: {buffer.name!r} has {value.numel()} elements, "
                         f"the parameter has {local.numel()}"
                     )
-                codec.encode(value.clone(), state, buffer)
+                codec.encode(value.clone(), _flat_state(state), buffer)
         if KAHAN_KEY in state and KAHAN_KEY in saved:
             state[KAHAN_KEY] = saved[KAHAN_KEY].to(device=local.device, dtype=local.dtype).clone()
         return state
@@ -290,10 +335,58 @@ def _local(t: Tensor) -> Tensor:
     return to_local() if to_local is not None else t
 
 
-def _flat(p: Tensor, g: Tensor, state: Mapping[str, Tensor]) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-    # every tensor 1-D: one compiled graph for all shapes (and inductor parallelizes 1-D loops best)
-    flat = {k: v if v.dim() == 1 or k == "step" else v.view(-1) for k, v in state.items()}
-    return p.view(-1), g.reshape(-1), flat
+class _ShardedNorm:
+    """The L2 norm of a whole DTensor parameter from its local shard (FSDP2).
+
+    Rules call ``norm(t)`` on the local shard's 1-D view; this all-reduces the
+    shard's sum of squares over the mesh dimensions the parameter is sharded
+    on, so LAMB/LARS trust ratios use global norms. Hashable by its process
+    groups, so parameters on one mesh share one step configuration.
+    """
+
+    def __init__(self, groups: tuple[Any, ...]) -> None:
+        self.groups = groups
+
+    def __call__(self, t: Tensor) -> Tensor:
+        from torch.distributed import _functional_collectives as funcol
+
+        squares = t.float().square().sum()
+        for group in self.groups:
+            squares = funcol.all_reduce(squares, "sum", group)
+        return squares.sqrt()
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _ShardedNorm) and self.groups == other.groups
+
+    def __hash__(self) -> int:
+        return hash(self.groups)
+
+
+def _norm_for(p: Tensor) -> Any:
+    """``local_norm``, or a ``_ShardedNorm`` for a DTensor sharded over some mesh dimension."""
+    mesh, placements = getattr(p, "device_mesh", None), getattr(p, "placements", ())
+    dims = [dim for dim, placement in enumerate(placements) if placement.is_shard()]
+    if mesh is None or not dims or mesh.size() == 1:
+        return local_norm
+    return _ShardedNorm(tuple(mesh.get_group(dim) for dim in dims))
+
+
+def _flat(p: Tensor, g: Tensor, state: Mapping[str, Tensor]) -> StepItem:
+    """1-D views of a parameter, its gradient and its state, as the step function takes them.
+
+    Every tensor 1-D: one compiled graph serves all shapes (and inductor
+    parallelizes 1-D loops best). A non-contiguous parameter is stepped as a
+    contiguous copy and written back.
+    """
+    flat_state = _flat_state(state)
+    if p.is_contiguous():
+        return StepItem(p.view(-1), g.reshape(-1), flat_state, None)
+    return StepItem(p.reshape(-1).clone(), g.reshape(-1), flat_state, p)
+
+
+def _flat_state(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """1-D views of every state tensor but the 0-d step, as codecs receive them."""
+    return {k: v if v.dim() == 1 or k == "step" else v.view(-1) for k, v in state.items()}
 
 
 def _as_tensors(scalars: Mapping[str, Any], device: torch.device) -> dict[str, Tensor]:

@@ -11,9 +11,10 @@ hyperparameters are 0-d tensors, so schedules never recompile.
 
 from __future__ import annotations
 
+import types
 import warnings
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -68,45 +69,104 @@ def make_step(
     return step_fn
 
 
+class StepConfig(NamedTuple):
+    """Everything that shapes the step's graph; parameters sharing one run as a bucket."""
+
+    rule: type[UpdateRule]
+    codecs: tuple[tuple[Buffer, StateCodec], ...]
+    flags: tuple[tuple[str, Any], ...]
+    param_dtype: torch.dtype
+    kahan: bool
+    norm: NormFn
+
+    @property
+    def key(self) -> tuple:
+        return (self.rule, tuple((b, c.name) for b, c in self.codecs), self.flags, self.param_dtype, self.kahan,
+                self.norm)
+
+
+class StepItem(NamedTuple):
+    """One parameter's flattened step inputs; ``writeback`` is the strided original, if any."""
+
+    p: Tensor
+    g: Tensor
+    state: dict[str, Tensor]
+    writeback: Tensor | None
+
+
+#: compiled calls take buckets of these sizes (largest first), so a group of any
+#: size needs at most this many graphs and pays Python/guard overhead per bucket
+BUCKET_SIZES = (8, 4, 2, 1)
+
+
 class Executor:
-    """Caches one step function per configuration, compiled or eager."""
+    """Runs buckets of parameter steps, eagerly or through cached compiled graphs."""
 
     def __init__(self) -> None:
-        self._cache: dict[tuple, StepFn] = {}
+        self._eager: dict[tuple, StepFn] = {}
+        self._compiled: dict[tuple, Callable[..., None]] = {}
         self._compile_failed = False
 
-    def get(self, compiled: bool, key: tuple, build: Callable[[], StepFn]) -> StepFn:
-        compiled = compiled and not self._compile_failed
-        cache_key = (compiled, key)
-        fn = self._cache.get(cache_key)
-        if fn is None:
-            fn = build()
-            if compiled:
-                fn = self._guarded(torch.compile(fn, dynamic=True, fullgraph=True), fn)
-            self._cache[cache_key] = fn
-        return fn
+    def run(self, compiled: bool, config: StepConfig, items: list[StepItem], hp: dict[str, Tensor]) -> None:
+        key = config.key
+        eager = self._eager.get(key)
+        if eager is None:
+            eager = self._eager[key] = make_step(
+                config.rule, config.codecs, dict(config.flags), config.param_dtype, config.kahan, config.norm
+            )
+        if compiled and not self._compile_failed:
+            bucket_fn = self._compiled.get(key)
+            if bucket_fn is None:
+                bucket_fn = self._compiled[key] = _compile_buckets(eager)
+            start = 0
+            for size in BUCKET_SIZES:
+                while len(items) - start >= size:
+                    chunk = items[start : start + size]
+                    self._call_compiled(bucket_fn, eager, chunk, hp)
+                    start += size
+        else:
+            for item in items:
+                eager(item.p, item.g, item.state, hp)
+        for item in items:
+            if item.writeback is not None:
+                item.writeback.copy_(item.p.view_as(item.writeback))
 
-    def _guarded(self, compiled_fn: StepFn, eager_fn: StepFn) -> StepFn:
-        """Fall back to eager, with one warning, when no compiler works here."""
-        state = {"verified": False}
+    def _call_compiled(self, bucket_fn, eager: StepFn, chunk: list[StepItem], hp: dict[str, Tensor]) -> None:
+        ps, gs, states = [i.p for i in chunk], [i.g for i in chunk], [i.state for i in chunk]
+        try:
+            with _no_duck_shapes():
+                bucket_fn(ps, gs, states, hp)
+        except torch._dynamo.exc.BackendCompilerFailed as err:
+            # compilation fails before anything runs: fall back for good, with one warning
+            self._compile_failed = True
+            warnings.warn(
+                f"hf_optim: torch.compile failed ({type(err).__name__}: {str(err)[:200]}); "
+                "running the eager step instead, which is slower but identical.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            for p, g, state in zip(ps, gs, states):
+                eager(p, g, state, hp)
 
-        def run(*args: Any) -> None:
-            if state["verified"]:
-                return compiled_fn(*args)
-            try:
-                compiled_fn(*args)
-            except torch._dynamo.exc.BackendCompilerFailed as err:
-                self._compile_failed = True
-                warnings.warn(
-                    f"hf_optim: torch.compile failed ({type(err).__name__}: {str(err)[:200]}); "
-                    "running the eager step instead, which is slower but identical.",
-                    RuntimeWarning,
-                    stacklevel=4,
-                )
-                eager_fn(*args)
-            state["verified"] = True
 
-        return run
+def _compile_buckets(step_fn: StepFn) -> Callable[..., None]:
+    def bucket_step(ps: list[Tensor], gs: list[Tensor], states: list[dict[str, Tensor]], hp: dict[str, Tensor]):
+        for p, g, state in zip(ps, gs, states):
+            step_fn(p, g, state, hp)
+
+    # a private code object per configuration: dynamo keeps its graph cache (and
+    # recompile limit) per code object, and every configuration's bucket_step
+    # would otherwise share one
+    fresh = types.FunctionType(
+        bucket_step.__code__.replace(), bucket_step.__globals__, bucket_step.__name__, None, bucket_step.__closure__
+    )
+    return torch.compile(fresh, dynamic=True, fullgraph=True)
+
+
+def _no_duck_shapes():
+    # equal sizes must not become one symbol: the next bucket's sizes would
+    # break that equality guard and recompile
+    return torch.fx.experimental._config.patch(use_duck_shape=False)
 
 
 #: process-wide: compiled graphs are shared by every optimizer instance

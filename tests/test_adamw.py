@@ -140,7 +140,7 @@ def test_step_hooks_fire_deepcopy_and_repr():
         clone.state[clone.param_groups[0]["params"][0]]["exp_avg"], opt.state[params[0]]["exp_avg"]
     )
     text = repr(opt)
-    assert text.startswith("AdamW (") and "lr: 0.01" in text
+    assert text.startswith("AdamW (execution=") and "lr: 0.01" in text and "params: 4 tensors" in text
 
 
 def test_closure_is_called_with_grad_enabled():
