@@ -42,13 +42,55 @@ def _optimi(name: str) -> Factory:
     return build
 
 
+def _hf_optim(name: str) -> type[torch.optim.Optimizer]:
+    if not hasattr(hf_optim, name):
+        raise ImportError(f"hf_optim has no {name} yet")
+    return getattr(hf_optim, name)
+
+
+def _peer(module: str, name: str) -> type[torch.optim.Optimizer]:
+    import importlib
+
+    return getattr(importlib.import_module(module), name)
+
+
 CANDIDATES: dict[str, Factory] = {
     BASELINE: lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True),
     "torch AdamW foreach": lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True),
     "optimi AdamW": _optimi("AdamW"),
     "hf_optim adamw eager": lambda ps: hf_optim.AdamW(ps, lr=1e-3, execution="eager"),
     "hf_optim adamw compiled": lambda ps: hf_optim.AdamW(ps, lr=1e-3, execution="compiled"),
+    "hf_optim adamw_8bit compiled": lambda ps: hf_optim.AdamW(
+        ps, lr=1e-3, state_precision="8bit", execution="compiled"
+    ),
+    "hf_optim lion_8bit compiled": lambda ps: _hf_optim("Lion")(
+        ps, lr=1e-4, state_precision="8bit", execution="compiled"
+    ),
+    "bnb AdamW8bit": lambda ps: _peer("bitsandbytes.optim", "AdamW8bit")(ps, lr=1e-3),
+    "bnb Lion8bit": lambda ps: _peer("bitsandbytes.optim", "Lion8bit")(ps, lr=1e-4),
+    "torchao AdamW8bit": lambda ps: _peer("torchao.optim", "AdamW8bit")(ps, lr=1e-3),
 }
+
+# issue 4 rules: ours compiled against each rule's peers (same hyperparameters; peers at their fastest CPU path)
+CANDIDATES.update({
+    "hf_optim lion compiled": lambda ps: hf_optim.Lion(ps, lr=1e-4, weight_decay=0.1, execution="compiled"),
+    "lion_pytorch Lion": lambda ps: _peer("lion_pytorch", "Lion")(ps, lr=1e-4, weight_decay=0.1),
+    "optimi Lion": lambda ps: _peer("optimi", "Lion")(ps, lr=1e-4, weight_decay=0.1, foreach=True),
+    "hf_optim lamb compiled": lambda ps: hf_optim.LAMB(ps, lr=1e-3, weight_decay=0.01, execution="compiled"),
+    "pytorch_optimizer LAMB": lambda ps: _peer("pytorch_optimizer", "Lamb")(ps, lr=1e-3, weight_decay=0.01),
+    "bnb LAMB": lambda ps: _peer("bitsandbytes.optim", "LAMB")(ps, lr=1e-3, weight_decay=0.01),
+    "hf_optim lars compiled": lambda ps: hf_optim.LARS(ps, lr=1.0, weight_decay=1e-4, execution="compiled"),
+    "pytorch_optimizer LARS": lambda ps: _peer("pytorch_optimizer", "LARS")(ps, lr=1.0, weight_decay=1e-4),
+    "bnb LARS": lambda ps: _peer("bitsandbytes.optim", "LARS")(ps, lr=1.0, momentum=0.9, weight_decay=1e-4),
+    "hf_optim stable_adamw compiled": lambda ps: hf_optim.StableAdamW(ps, lr=1e-3, execution="compiled"),
+    "optimi StableAdamW": _optimi("StableAdamW"),
+    "hf_optim adan compiled": lambda ps: hf_optim.Adan(ps, lr=1e-3, weight_decay=0.01, execution="compiled"),
+    "optimi Adan": _optimi("Adan"),
+    "hf_optim ranger compiled": lambda ps: hf_optim.Ranger(ps, lr=1e-3, weight_decay=0.01, execution="compiled"),
+    "optimi Ranger": _optimi("Ranger"),
+    "hf_optim sgd compiled": lambda ps: hf_optim.SGD(ps, lr=0.1, momentum=0.9, execution="compiled"),
+    "torch SGD foreach": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, foreach=True),
+})
 
 
 def parse_count(text: str) -> int:

@@ -30,27 +30,62 @@ def _list_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _list(args: argparse.Namespace) -> int:
-    from . import registry
+    from . import memory, registry
 
     rows = []
     for name in registry.hf_optim_names():
         spec = registry.get_spec(name)
         defaults = {k: v for k, v in spec.defaults.items() if k not in ("execution", "placement", "state_precision")}
-        rows.append({"name": name, "description": spec.description, "defaults": defaults})
+        per_param = memory.optimizer_memory(name, 10**9).state_bytes_per_param if spec.is_hf_optim else None
+        rows.append({"name": name, "state B/param": per_param, "description": spec.description, "defaults": defaults})
     if args.json:
         print(json.dumps(rows, indent=2, default=str))
         return 0
     print_table(
-        [{**r, "defaults": ", ".join(f"{k}={v}" for k, v in r["defaults"].items())} for r in rows],
-        ["name", "description", "defaults"],
+        [
+            {**r, "defaults": ", ".join(f"{k}={v}" for k, v in r["defaults"].items()),
+             "state B/param": "" if r["state B/param"] is None else f"{r['state B/param']:.2f}"}
+            for r in rows
+        ],
+        ["name", "state B/param", "description", "defaults"],
     )
     passthrough = sorted(set(registry.transformers_names()) - set(registry.hf_optim_names()))
     print(f"\nPassed through to transformers: {', '.join(passthrough)}")
     return 0
 
 
+def _schedule_args(parser: argparse.ArgumentParser) -> None:
+    from .schedules import cli_arguments
+
+    cli_arguments(parser)
+
+
+def _schedule(args: argparse.Namespace) -> int:
+    from .schedules import cli_run
+
+    return cli_run(args)
+
+
+def _lazy(module: str) -> tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]:
+    """``cli_arguments``/``cli_run`` of an hf_optim module, imported when used."""
+    import importlib
+
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        importlib.import_module(f"hf_optim.{module}").cli_arguments(parser)
+
+    def run(args: argparse.Namespace) -> int:
+        return importlib.import_module(f"hf_optim.{module}").cli_run(args)
+
+    return add_arguments, run
+
+
 COMMANDS: list[Command] = [
     ("list", "every optimizer name with what it is for and its defaults", _list_args, _list),
+    ("schedule", "print and plot an lr schedule before training with it", _schedule_args, _schedule),
+    ("recommend", "which optimizer, schedule and hyperparameters for a model and machine", *_lazy("recommend")),
+    ("memory", "exact bytes of weights, gradients and optimizer state per optimizer", *_lazy("memory")),
+    ("bench", "quick optimizer step-time table on this machine, against installed peers", *_lazy("bench")),
+    ("compare", "run a recipe once per optimizer; report.md with loss, memory and lr plots", *_lazy("compare")),
 ]
 
 

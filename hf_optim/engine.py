@@ -34,6 +34,8 @@ ENGINE_DEFAULTS: dict[str, Any] = {
     "min_8bit_size": MIN_8BIT_SIZE,  # smaller tensors keep fp32 state under 8bit
     "fp32_patterns": None,  # name regexes kept fp32 under 8bit (None: embeddings, lm_head, norms)
 }
+#: options that choose how state is stored, not the math: on load, the loading optimizer's win
+STORAGE_OPTIONS = ("state_precision", "min_8bit_size", "fp32_patterns")
 EXECUTIONS = ("auto", "eager", "compiled")
 #: ``execution="auto"`` compiles once the model is big enough to repay compile time
 AUTO_COMPILE_MIN_NUMEL = 1 << 20
@@ -237,6 +239,12 @@ class Optimizer(torch.optim.Optimizer):
         moved, stall seconds and major page faults in the last step, and totals."""
         return {} if self._pager is None else self._pager.stats()
 
+    def precision_report(self) -> Any:
+        """Every parameter with its state precision and state bytes (``hf_optim.state.report``)."""
+        from .state.report import precision_report
+
+        return precision_report(self)
+
     # --- state dict -------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
@@ -270,6 +278,8 @@ class Optimizer(torch.optim.Optimizer):
             merged = {k: v for k, v in saved_group.items() if k not in ("params", _FORMAT_KEY)}
             for key, value in {**self.rule.defaults, **ENGINE_DEFAULTS}.items():
                 merged.setdefault(key, value)  # a torch.optim or older checkpoint lacks our options
+            for key in STORAGE_OPTIONS:  # storage is this optimizer's choice: saved state converts to it
+                merged[key] = group[key]
             merged["params"] = group["params"]
             if "param_names" in group:
                 merged["param_names"] = group["param_names"]
@@ -293,7 +303,7 @@ class Optimizer(torch.optim.Optimizer):
         step = saved.get("step")
         if step is None:
             raise ValueError(f"loaded state for {name} has no 'step'")
-        state["step"] = torch.as_tensor(step, dtype=torch.float32).to(local.device).reshape(())
+        state["step"] = torch.as_tensor(step, dtype=torch.float32).to(local.device).reshape(()).clone()  # never shared
         for buffer, codec in self._layout(p, name, group):
             saved_codec = codec if codec.holds(saved, buffer) else _find_codec(saved, buffer)
             if saved_codec is None:

@@ -31,6 +31,13 @@ from .optim_args import coerce_optim_args
 #: rule name -> "module:Class" of its optimizer (imported lazily)
 RULES: dict[str, str] = {
     "adamw": "hf_optim.optimizers:AdamW",
+    "lion": "hf_optim.optimizers:Lion",
+    "lamb": "hf_optim.optimizers:LAMB",
+    "lars": "hf_optim.optimizers:LARS",
+    "stable_adamw": "hf_optim.optimizers:StableAdamW",
+    "adan": "hf_optim.optimizers:Adan",
+    "ranger": "hf_optim.optimizers:Ranger",
+    "sgd": "hf_optim.optimizers:SGD",  # takes over transformers' "sgd" (torch.optim.SGD): same math, same defaults
 }
 
 #: transformers (or common) names -> the hf_optim name that means the same thing
@@ -81,7 +88,7 @@ class OptimizerSpec:
             }
         from .engine import ENGINE_DEFAULTS
 
-        options = {"execution": "auto", "placement": "device"}
+        options = {"execution": "auto", "placement": "device", "paged_budget": None, "paged_dir": None}
         return {**cls.rule.defaults, **ENGINE_DEFAULTS, **options, **self.fixed_kwargs()}
 
     @property
@@ -113,7 +120,13 @@ class OptimizerSpec:
                 f"{self.name!r} fixes {', '.join(f'{k}={fixed[k]!r}' for k in clash)}; "
                 "pick another optimizer name instead of overriding it"
             )
-        return coerce_optim_args(kwargs, self.defaults, f"optimizer {self.name!r}")
+        out = coerce_optim_args(kwargs, self.defaults, f"optimizer {self.name!r}")
+        if self.is_hf_optim:  # paged_* options: checked now, and only with the paged placement
+            from .state.placement import build_placement
+
+            paged = {k: out[k] for k in ("paged_budget", "paged_dir") if k in out}
+            build_placement(out.get("placement", fixed.get("placement", "device")), **paged)
+        return out
 
     def build(self, params: Iterable[Any], **hyperparameters: Any) -> torch.optim.Optimizer:
         return self.load_class()(params, **{**self.fixed_kwargs(), **self.check_kwargs(hyperparameters)})
@@ -221,7 +234,10 @@ def all_names() -> list[str]:
 
 
 def unknown_name_message(name: str, what: str, valid: list[str]) -> str:
-    hint = difflib.get_close_matches(name, valid, n=3, cutoff=0.5)
+    # a valid name the typo starts with ("adamw_typo" -> "adamw") first, then look-alikes
+    prefixes = sorted((v for v in valid if name.startswith(v + "_")), key=len, reverse=True)[:1]
+    hint = prefixes + [v for v in difflib.get_close_matches(name, valid, n=3, cutoff=0.5) if v not in prefixes]
+    hint = hint[:3]
     suggestion = f" Did you mean {' or '.join(map(repr, hint))}?" if hint else ""
     return f"Unknown {what} {name!r}.{suggestion} Valid names: {', '.join(valid)}"
 

@@ -18,6 +18,7 @@ import transformers
 
 from .. import registry, schedules
 from ..optim_args import parse_optim_args
+from . import deepspeed
 
 logger = logging.getLogger("hf_optim")
 
@@ -41,6 +42,11 @@ class TrainingArguments(transformers.TrainingArguments):
         default="linear",
         metadata={"help": "The schedule: an hf_optim schedule (warmup_cosine, one_cycle, ...) or a transformers one."},
     )
+    allow_deepspeed_optimizer: bool = field(
+        default=False,
+        metadata={"help": "Let a DeepSpeed config's `optimizer`/`offload_optimizer` section replace the hf_optim "
+                  "optimizer instead of stopping with an error."},
+    )
 
     def __post_init__(self) -> None:
         optim = str(getattr(self.optim, "value", self.optim))
@@ -54,6 +60,8 @@ class TrainingArguments(transformers.TrainingArguments):
             self.optim = "adamw_torch"
         if ours_schedule:
             self.lr_scheduler_type = "linear"
+        if spec is not None:  # before transformers imports DeepSpeed for the config
+            deepspeed.check(self.deepspeed, optim, allow=self.allow_deepspeed_optimizer)
         super().__post_init__()
         if spec is not None:
             self.optim = optim
@@ -76,7 +84,7 @@ def optimizer_kwargs(args: transformers.TrainingArguments) -> dict[str, Any]:
     and the rule takes them; then ``optim_args``, type-checked. ``weight_decay``
     goes on the param groups, as transformers does.
     """
-    spec = registry.get_spec(str(args.optim))
+    spec = registry.get_spec(args.optim)
     accepted = spec.defaults
     kwargs: dict[str, Any] = {"lr": args.learning_rate}
     betas = (args.adam_beta1, args.adam_beta2)
@@ -99,8 +107,23 @@ class HfOptimMixin:
     optimizer: torch.optim.Optimizer | None
     lr_scheduler: Any
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # a DeepSpeed `optimizer` section means create_optimizer is never called: check up front
+        training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
+        optim = str(getattr(getattr(training_args, "optim", None), "value", getattr(training_args, "optim", None)))
+        if training_args is not None and registry.resolve_quietly(optim):
+            deepspeed.check(
+                getattr(training_args, "deepspeed", None),
+                optim,
+                allow=bool(getattr(training_args, deepspeed.OPT_OUT_FLAG, False)),
+            )
+        super().__init__(*args, **kwargs)
+        from . import callbacks  # report, guard rails, loss-spike watcher; first, so report_to sees their keys
+
+        callbacks.install(self)
+
     def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
-        spec = registry.resolve(str(self.args.optim))
+        spec = registry.resolve(self.args.optim)
         if spec is None or self.optimizer is not None or getattr(self, "optimizer_cls_and_kwargs", None):
             return super().create_optimizer(model)  # type: ignore[misc]
         opt_model = self.model if model is None else model
@@ -111,7 +134,7 @@ class HfOptimMixin:
 
     @staticmethod
     def get_optimizer_cls_and_kwargs(args: transformers.TrainingArguments, model: Any = None) -> tuple[Any, Any]:
-        spec = registry.resolve(str(args.optim))
+        spec = registry.resolve(args.optim)
         if spec is None:
             return transformers.Trainer.get_optimizer_cls_and_kwargs(args, model)
         return spec.load_class(), {**spec.fixed_kwargs(), **optimizer_kwargs(args)}

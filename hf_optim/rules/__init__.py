@@ -1,6 +1,25 @@
 """Update rules: one module per algorithm, fp32 math only (see ``base``)."""
 
 from .adamw import AdamW
+from .adan import Adan
 from .base import Buffer, BufferKind, UpdateRule
+from .lamb import LAMB
+from .lars import LARS
+from .lion import Lion
+from .ranger import Ranger
+from .sgd import SGD
+from .stable_adamw import StableAdamW
 
-__all__ = ["AdamW", "Buffer", "BufferKind", "UpdateRule"]
+__all__ = [
+    "LAMB",
+    "LARS",
+    "SGD",
+    "AdamW",
+    "Adan",
+    "Buffer",
+    "BufferKind",
+    "Lion",
+    "Ranger",
+    "StableAdamW",
+    "UpdateRule",
+]

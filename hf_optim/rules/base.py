@@ -26,6 +26,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
+import torch
 from torch import Tensor
 
 #: How a state buffer is distributed, so storage can pick a code map:
@@ -56,6 +57,10 @@ class UpdateRule:
     flag_names: ClassVar[frozenset[str]] = frozenset()
     #: a one-line description for ``hf-optim list``
     description: ClassVar[str] = ""
+    #: opt-in: the engine adds ``param_ndim`` (the parameter's original ``ndim``,
+    #: before flattening) to ``flags``, so a rule can treat biases and norm
+    #: weights (``ndim <= 1``) differently; one compiled graph per ndim
+    wants_param_ndim: ClassVar[bool] = False
 
     @classmethod
     def buffers(cls, flags: Mapping[str, Any]) -> tuple[Buffer, ...]:
@@ -130,3 +135,33 @@ def check_betas(betas: Any, count: int = 2) -> None:
         value = _as_float(beta)
         if not 0.0 <= value < 1.0 or math.isnan(value):
             raise ValueError(f"Invalid beta parameter at index {i}: {beta}")
+
+
+def check_flag(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"Invalid {name} value: {value!r} (expected True or False)")
+
+
+def check_non_negative(name: str, value: Any) -> None:
+    """``value >= 0`` (and not NaN), worded as torch.optim words ``weight_decay``."""
+    number = _as_float(value)
+    if not 0.0 <= number:
+        raise ValueError(f"Invalid {name} value: {value}")
+
+
+def check_unit_interval(name: str, value: Any, *, closed: bool = True) -> None:
+    """``0 <= value <= 1`` (``< 1`` when ``closed`` is False)."""
+    number = _as_float(value)
+    ok = 0.0 <= number <= 1.0 if closed else 0.0 <= number < 1.0
+    if not ok:
+        interval = "[0, 1]" if closed else "[0, 1)"
+        raise ValueError(f"Invalid {name} value: {value} (expected a number in {interval})")
+
+
+def global_mean_sqrt(x: Tensor, norm: NormFn) -> Tensor:
+    """``sqrt(mean(x**2))`` over the whole parameter, shard-safe via ``norm``.
+
+    The element count comes from ``norm`` too (the norm of ones is sqrt(numel)),
+    so an FSDP2 shard divides by the parameter's global size, not its own.
+    """
+    return norm(x) / norm(torch.ones_like(x))

@@ -7,15 +7,75 @@ tensors, embeddings and norms in fp32) live.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
 from .base import StateCodec
+from .blockwise import EIGHT_BIT, BlockwiseCodec
 from .dense import BF16, FP32, DenseCodec
 
-CODECS: dict[str, StateCodec] = {codec.name: codec for codec in (FP32, BF16)}
+CODECS: dict[str, StateCodec] = {codec.name: codec for codec in (FP32, BF16, EIGHT_BIT)}
+
+#: quantized codecs keep tensors smaller than this in fp32 (group option ``min_8bit_size``)
+MIN_8BIT_SIZE = 4096
+#: parameter-name patterns (``re.search``, case-insensitive) whose state stays fp32 under a quantized codec
+#: (group option ``fp32_patterns``): embeddings, the output head and norms are sensitive
+#: to state error and small or sparse-gradient enough that quantizing them saves little
+FP32_PATTERNS: tuple[str, ...] = (r"embed", r"(^|\.)(wte|wpe)(\.|$)", r"lm_head", r"norm", r"(^|\.)ln_?\w*(\.|$)")
 
 
-def codec_for(precision: str, param_name: str | None, global_numel: int) -> StateCodec:
-    """The codec for one parameter's state under a group's ``state_precision``."""
-    return CODECS[precision]
+def codec_for(
+    precision: str,
+    param_name: str | None,
+    global_numel: int,
+    min_8bit_size: int = MIN_8BIT_SIZE,
+    fp32_patterns: Sequence[str] | None = None,
+) -> StateCodec:
+    """The codec for one parameter's state under a group's ``state_precision``.
+
+    A quantized precision applies only to tensors of at least ``min_8bit_size``
+    elements (the *global* count, so every shard of a tensor decides alike)
+    whose name matches none of ``fp32_patterns`` (default ``FP32_PATTERNS``);
+    the rest keep fp32 state.
+    """
+    codec = CODECS[precision]
+    if not isinstance(codec, BlockwiseCodec):
+        return codec
+    if global_numel < min_8bit_size:
+        return FP32
+    patterns = FP32_PATTERNS if fp32_patterns is None else fp32_patterns
+    if param_name is not None and any(re.search(pattern, param_name, re.IGNORECASE) for pattern in patterns):
+        return FP32
+    return codec
 
 
-__all__ = ["CODECS", "DenseCodec", "StateCodec", "codec_for"]
+def validate_policy(group: Mapping[str, Any]) -> None:
+    """Check a param group's ``min_8bit_size`` and ``fp32_patterns`` options."""
+    size = group.get("min_8bit_size", MIN_8BIT_SIZE)
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise ValueError(f"Invalid min_8bit_size: {size!r} (allowed: an int >= 0)")
+    patterns = group.get("fp32_patterns")
+    if patterns is None:
+        return
+    if isinstance(patterns, str) or not isinstance(patterns, Sequence):
+        raise ValueError(f"Invalid fp32_patterns: {patterns!r} (allowed: None or a list of regex strings)")
+    for pattern in patterns:
+        if not isinstance(pattern, str):
+            raise ValueError(f"Invalid fp32_patterns entry: {pattern!r} (allowed: regex strings)")
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise ValueError(f"Invalid fp32_patterns entry: {pattern!r} is not a regex ({err})") from None
+
+
+__all__ = [
+    "CODECS",
+    "FP32_PATTERNS",
+    "MIN_8BIT_SIZE",
+    "BlockwiseCodec",
+    "DenseCodec",
+    "StateCodec",
+    "codec_for",
+    "validate_policy",
+]

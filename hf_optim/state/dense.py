@@ -29,7 +29,7 @@ class DenseCodec(StateCodec):
 
     def encode(self, value: Tensor, stored: MutableMapping[str, Tensor], buffer: Buffer) -> None:
         target = stored[buffer.name]
-        if target.dtype != torch.float32:  # fp32 storage was updated in place
+        if value is not target:  # fp32 storage decodes to itself and was updated in place
             target.copy_(value)
 
     def nbytes(self, numel: int) -> int:

@@ -1,0 +1,91 @@
+"""Lion: evolved sign momentum.
+
+Chen et al., "Symbolic Discovery of Optimization Algorithms", NeurIPS 2023
+(arXiv:2302.06675). With gradient g, learning rate lr and weight decay wd::
+
+    p <- p * (1 - lr * wd)                              # decoupled decay, before the step
+    p <- p - lr * sign(beta1 * m + (1 - beta1) * g)     # interpolate, then take the sign
+    m <- beta2 * m + (1 - beta2) * g                    # momentum tracks more slowly
+
+One state buffer (half AdamW's memory), and every coordinate moves by exactly
+``lr`` per step, so the update's norm is larger than Adam's: the paper uses an
+lr 3-10x smaller than AdamW's and a weight decay 3-10x larger, keeping the
+effective decay ``lr * wd`` about the same. Defaults: lr 1e-4, betas
+(0.9, 0.99) (the paper's), weight decay 0.1 (10x AdamW's 1e-2 here).
+Constructing Lion with an AdamW-sized lr (>= 1e-3) or weight decay (0 < wd <
+0.03) warns and says what to use (``hf_optim.translate_hparams`` converts).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+from torch import Tensor
+
+from .base import Buffer, NormFn, UpdateRule, _as_float, check_betas, check_lr, check_weight_decay
+
+#: an lr at or above this is AdamW-sized for Lion
+LION_MAX_LR = 1e-3
+#: a non-zero weight decay below this is AdamW-sized for Lion
+LION_MIN_WEIGHT_DECAY = 0.03
+
+
+class Lion(UpdateRule):
+    name = "lion"
+    description = "Lion: sign of interpolated momentum; one state buffer, lr 3-10x below AdamW's"
+    defaults = {"lr": 1e-4, "betas": (0.9, 0.99), "weight_decay": 0.1}
+
+    @classmethod
+    def buffers(cls, flags: Mapping[str, Any]) -> tuple[Buffer, ...]:
+        return (Buffer("exp_avg", "signed"),)
+
+    @classmethod
+    def validate(cls, group: Mapping[str, Any]) -> None:
+        check_lr(group["lr"])
+        check_betas(group["betas"])
+        check_weight_decay(group["weight_decay"])
+        lr, wd = _as_float(group["lr"]), _as_float(group["weight_decay"])
+        if lr >= LION_MAX_LR:
+            warnings.warn(
+                f"Lion got lr={lr:g}, an AdamW-sized learning rate: Lion's sign update moves every weight "
+                f"by lr each step, so use 3-10x less than AdamW's (here {lr / 10:.2g}-{lr / 3:.2g}); "
+                "hf_optim.translate_hparams(from_='adamw', to='lion', ...) converts both lr and weight decay.",
+                UserWarning,
+                stacklevel=5,
+            )
+        if 0.0 < wd < LION_MIN_WEIGHT_DECAY:
+            warnings.warn(
+                f"Lion got weight_decay={wd:g}, an AdamW-sized value: with Lion's smaller lr the decay "
+                f"lr*wd would be 3-10x weaker; use 3-10x more ({wd * 3:.2g}-{wd * 10:.2g}).",
+                UserWarning,
+                stacklevel=5,
+            )
+
+    @staticmethod
+    def coefficients(hp: Mapping[str, Tensor], step: Tensor, flags: Mapping[str, Any]) -> dict[str, Tensor]:
+        lr, beta1, beta2 = hp["lr"], hp["beta1"], hp["beta2"]
+        return {
+            "lr": lr,
+            "decay": 1 - lr * hp["weight_decay"],
+            "beta1": beta1,
+            "one_minus_beta1": 1 - beta1,
+            "beta2": beta2,
+            "one_minus_beta2": 1 - beta2,
+        }
+
+    @staticmethod
+    def update(
+        p: Tensor,
+        g: Tensor,
+        state: dict[str, Tensor],
+        c: Mapping[str, Tensor],
+        flags: Mapping[str, Any],
+        norm: NormFn,
+    ) -> None:
+        exp_avg = state["exp_avg"]
+        p.mul_(c["decay"])
+        direction = (exp_avg * c["beta1"] + g * c["one_minus_beta1"]).sign()
+        p.sub_(direction * c["lr"])
+        exp_avg.mul_(c["beta2"]).add_(g * c["one_minus_beta2"])

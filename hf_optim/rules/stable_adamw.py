@@ -1,0 +1,92 @@
+"""StableAdamW: AdamW with per-tensor update clipping (AdaFactor's), no grad clipping needed.
+
+Wortsman et al., "Stable and low-precision training for large-scale
+vision-language models", NeurIPS 2023 (arXiv:2304.13013), Algorithm 2, in
+optimi's form. With gradient g, step t, and hatted moments bias-corrected::
+
+    m <- beta1 * m + (1 - beta1) * g
+    v <- beta2 * v + (1 - beta2) * g^2
+    rms <- sqrt(mean(g^2 / max(v^, eps^2)))        # over the whole tensor
+    lr_t <- lr / max(1, rms)                        # clip where v^ lags the gradient
+    p <- p * (1 - lr_t * wd)
+    p <- p - lr_t * m^ / (sqrt(v^) + eps)
+
+When a gradient spikes far above what the second moment has seen, the RMS
+grows and the step shrinks for that tensor only; this is what makes loss
+spikes rarer without a global gradient clip. The mean is over the whole
+parameter, global under FSDP2 (computed through the engine's ``norm``).
+
+Defaults are optimi's: lr 1e-3, betas (0.9, 0.99) (the paper lowers beta2 so
+v tracks recent gradients), eps 1e-6, weight decay 1e-2. State is torch's
+(biased ``exp_avg``/``exp_avg_sq``, corrected in the step); optimi stores the
+corrected averages, the same numbers divided by ``1 - beta^t``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from torch import Tensor
+
+from .base import (
+    Buffer,
+    NormFn,
+    UpdateRule,
+    check_betas,
+    check_eps,
+    check_lr,
+    check_weight_decay,
+    global_mean_sqrt,
+)
+
+
+class StableAdamW(UpdateRule):
+    name = "stable_adamw"
+    description = "StableAdamW: AdamW with per-tensor update-RMS clipping; no gradient clipping needed"
+    defaults = {"lr": 1e-3, "betas": (0.9, 0.99), "eps": 1e-6, "weight_decay": 1e-2}
+
+    @classmethod
+    def buffers(cls, flags: Mapping[str, Any]) -> tuple[Buffer, ...]:
+        return (Buffer("exp_avg", "signed"), Buffer("exp_avg_sq", "unsigned"))
+
+    @classmethod
+    def validate(cls, group: Mapping[str, Any]) -> None:
+        check_lr(group["lr"])
+        check_eps(group["eps"])
+        check_betas(group["betas"])
+        check_weight_decay(group["weight_decay"])
+
+    @staticmethod
+    def coefficients(hp: Mapping[str, Tensor], step: Tensor, flags: Mapping[str, Any]) -> dict[str, Tensor]:
+        beta1, beta2, eps = hp["beta1"], hp["beta2"], hp["eps"]
+        return {
+            "lr": hp["lr"],
+            "weight_decay": hp["weight_decay"],
+            "beta1": beta1,
+            "one_minus_beta1": 1 - beta1,
+            "beta2": beta2,
+            "one_minus_beta2": 1 - beta2,
+            "inv_bias_correction1": 1 / (1 - beta1**step),
+            "inv_bias_correction2": 1 / (1 - beta2**step),
+            "eps": eps,
+            "eps_sq": eps * eps,
+        }
+
+    @staticmethod
+    def update(
+        p: Tensor,
+        g: Tensor,
+        state: dict[str, Tensor],
+        c: Mapping[str, Tensor],
+        flags: Mapping[str, Any],
+        norm: NormFn,
+    ) -> None:
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        exp_avg.mul_(c["beta1"]).add_(g * c["one_minus_beta1"])
+        exp_avg_sq.mul_(c["beta2"]).add_(g * g * c["one_minus_beta2"])
+        v_hat = exp_avg_sq * c["inv_bias_correction2"]
+        rms = global_mean_sqrt(g * v_hat.maximum(c["eps_sq"]).rsqrt(), norm)
+        lr = c["lr"] / rms.clamp(min=1.0)
+        p.mul_(1 - lr * c["weight_decay"])
+        p.sub_(exp_avg * c["inv_bias_correction1"] / (v_hat.sqrt() + c["eps"]) * lr)

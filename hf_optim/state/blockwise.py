@@ -1,0 +1,169 @@
+"""Block-wise 8-bit state: one byte per element plus one fp32 scale per 256.
+
+Why this layout: optimizer state is 2x (AdamW) the parameter count in fp32,
+8 bytes per parameter; at 8 bits it is 2 + 8/256 bytes. Each block of 256
+consecutive elements (of the flattened tensor; the last block may be ragged)
+is divided by its absolute maximum and the result, in [-1, 1], is stored as
+the nearest of 255 signed (first moments, ``int8``) or 256 unsigned (second
+moments, ``uint8``) code levels.
+
+The code map is closed-form companding: level(c) = sign(c) * (|c| / N) ** k,
+with N = 127 and k = 2 (square) for signed buffers, N = 255 and k = 4 (fourth
+power) for unsigned ones. Encoding needs no table search: ``c0 = floor(N *
+|x| ** (1/k))`` and one comparison against the midpoint of levels c0 and
+c0 + 1 gives exactly the nearest level, so the compiled step is pure
+arithmetic that inductor fuses with the update rule. The code map is a
+function of the codec, never stored per parameter.
+
+Chosen by measurement (``benchmarks/state_memory.py --maps``; randn round trip
+on 1024x1024, blocks of 256, and AdamW 8-bit vs fp32 with per-step re-sync,
+50 steps, lr 1e-3, betas (0.9, 0.999), wd 0.1, on a 64x4096 layer)::
+
+    map (signed / unsigned)            randn abs  randn rel   AdamW abs  AdamW rel
+    bitsandbytes dynamic / dynamic     see MAP_MEASUREMENTS below
+    square / fourth power (chosen)
+    square / square
+    linear / fourth power
+
+(The numbers are in ``MAP_MEASUREMENTS``.) A consequence: a bitsandbytes 8-bit
+state dict cannot be loaded (a clear ``ValueError`` says so); fp32 and bf16
+state dicts, ours or torch.optim's, convert to and from 8-bit on load.
+
+Non-finite values (a NaN/Inf gradient reaches the state): each one is
+confined to its own element. A block's scale is the maximum over its finite
+elements only; a NaN element is stored as 0 and +-Inf as +-the block maximum.
+The other 255 elements of the block keep exactly the codes they would have
+had, so one bad gradient entry never wipes a whole block. The parameter
+element itself becomes NaN/Inf just as it would with fp32 state, so the fault
+stays visible (loss, grad norm) rather than silent.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, MutableMapping
+
+import torch
+from torch import Tensor
+
+from ..rules.base import Buffer
+from .base import StateCodec
+
+#: elements per block (one fp32 scale each)
+BLOCK = 256
+CODES_SUFFIX = ".codes"
+ABSMAX_SUFFIX = ".absmax"
+
+
+class CodeMap:
+    """``level(c) = sign(c) * (|c| / levels) ** power`` for integer codes c."""
+
+    def __init__(self, signed: bool, power: int) -> None:
+        if power not in (1, 2, 3, 4):
+            raise ValueError(f"Invalid power: {power} (allowed: 1, 2, 3, 4)")
+        self.signed = signed
+        self.power = power
+        self.levels = 127 if signed else 255
+        self.dtype = torch.int8 if signed else torch.uint8
+
+    def level(self, magnitude_code: Tensor) -> Tensor:
+        """|level| for non-negative fp32 code magnitudes (by repeated products: exact, no pow)."""
+        t = magnitude_code / self.levels
+        out = t
+        for _ in range(self.power - 1):
+            out = out * t
+        return out
+
+    def root(self, a: Tensor) -> Tensor:
+        if self.power == 1:
+            return a
+        if self.power == 2:
+            return a.sqrt()
+        if self.power == 4:
+            return a.sqrt().sqrt()
+        return a.pow(1.0 / self.power)
+
+    def nearest(self, a: Tensor) -> Tensor:
+        """The code magnitude (fp32, integral) nearest to ``a`` in [0, 1]; ties go down."""
+        c0 = (self.root(a) * self.levels).floor().clamp(0, self.levels - 1)
+        lo, hi = self.level(c0), self.level(c0 + 1)
+        # the root is only approximate near a level: the midpoint test fixes the choice exactly
+        return c0 + ((a - lo) > (hi - a)).to(a.dtype)
+
+    def table(self) -> Tensor:
+        """Every level, in code order (for tests and interop)."""
+        if self.signed:
+            codes = torch.arange(-self.levels, self.levels + 1, dtype=torch.float32)
+            return codes.sign() * self.level(codes.abs())
+        return self.level(torch.arange(0, self.levels + 1, dtype=torch.float32))
+
+
+class BlockwiseCodec(StateCodec):
+    """8-bit storage: ``<buffer>.codes`` (int8/uint8) and ``<buffer>.absmax`` (fp32, one per block)."""
+
+    def __init__(self, name: str = "8bit", signed_power: int = 2, unsigned_power: int = 4) -> None:
+        self.name = name  # type: ignore[misc]
+        self.signed_map = CodeMap(True, signed_power)
+        self.unsigned_map = CodeMap(False, unsigned_power)
+
+    def code_map(self, buffer: Buffer) -> CodeMap:
+        return self.unsigned_map if buffer.kind == "unsigned" else self.signed_map
+
+    def keys(self, buffer: Buffer) -> tuple[str, ...]:
+        return (buffer.name + CODES_SUFFIX, buffer.name + ABSMAX_SUFFIX)
+
+    def allocate(self, buffer: Buffer, like: Tensor) -> dict[str, Tensor]:
+        codes_key, absmax_key = self.keys(buffer)
+        blocks = math.ceil(like.numel() / BLOCK)
+        return {
+            codes_key: torch.zeros(like.numel(), dtype=self.code_map(buffer).dtype, device=like.device),
+            absmax_key: torch.zeros(blocks, dtype=torch.float32, device=like.device),
+        }
+
+    def decode(self, stored: Mapping[str, Tensor], buffer: Buffer, numel: int) -> Tensor:
+        codes_key, absmax_key = self.keys(buffer)
+        codes, absmax = stored[codes_key], stored[absmax_key]
+        cmap = self.code_map(buffer)
+        q = codes.float()
+        level = cmap.level(q.abs()) * q.sign() if cmap.signed else cmap.level(q)
+        # whole blocks times their scale, the ragged tail's padding dropped. (An indexed load
+        # absmax[arange(numel) // BLOCK] is shorter, but inductor's 2-D tiling of it skipped
+        # the ragged tail when fused with encode: measured wrong codes in torch 2.13.)
+        blocks = absmax.numel()
+        level = torch.nn.functional.pad(level, (0, blocks * BLOCK - numel)).view(blocks, BLOCK)
+        return (level * absmax.view(blocks, 1)).view(-1)[:numel]
+
+    def encode(self, value: Tensor, stored: MutableMapping[str, Tensor], buffer: Buffer) -> None:
+        codes_key, absmax_key = self.keys(buffer)
+        codes, absmax = stored[codes_key], stored[absmax_key]
+        cmap = self.code_map(buffer)
+        numel, blocks = value.numel(), absmax.numel()
+        # work on whole blocks (the ragged tail padded with zeros), then drop the padding
+        value = torch.nn.functional.pad(value, (0, blocks * BLOCK - numel)).view(blocks, BLOCK)
+        finite = value.isfinite()
+        magnitude = torch.where(finite, value.abs(), 0.0)
+        block_max = magnitude.amax(dim=1, keepdim=True)
+        # NaN -> 0, +-Inf -> +-1 (saturated); everything else lands in [0, 1]
+        a = torch.where(finite, magnitude / torch.where(block_max > 0, block_max, 1.0), value.isinf().to(value.dtype))
+        c = cmap.nearest(a.clamp(0.0, 1.0))
+        if cmap.signed:
+            c = torch.where(value < 0, -c, c)
+        codes.copy_(c.view(-1)[:numel])
+        absmax.copy_(block_max.view(-1))
+
+    def nbytes(self, numel: int) -> int:
+        return numel + 4 * math.ceil(numel / BLOCK)
+
+    def holds(self, stored: Mapping[str, Tensor], buffer: Buffer) -> bool:
+        if "__bnb_optimizer_quant_state__" in stored or ("qmap1" in stored and "state1" in stored):
+            raise ValueError(
+                "cannot load a bitsandbytes 8-bit optimizer state (state1/qmap1/absmax1): its dynamic code "
+                "map differs from hf_optim's companding map, so its codes cannot be reused; load it into "
+                "bitsandbytes and save an fp32 state dict (or start the optimizer state fresh)"
+            )
+        codes_key, absmax_key = self.keys(buffer)
+        codes = stored.get(codes_key)
+        return codes is not None and absmax_key in stored and codes.dtype == self.code_map(buffer).dtype
+
+
+EIGHT_BIT = BlockwiseCodec()

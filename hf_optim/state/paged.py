@@ -1,0 +1,443 @@
+"""The paged placement: optimizer states that leave the device when memory runs short.
+
+Why: optimizer state is 2-3x the model for Adam-like rules, and it is touched
+once per step, so it is the natural thing to move out of scarce memory. A
+paged optimizer keeps each parameter's state beside the parameter while a
+budget allows (then it costs nothing: no copy, no check beyond a dict
+lookup) and moves only the states over budget:
+
+- **CUDA**: states over the device budget live in pinned host memory. Before a
+  parameter's update its state is copied to the device on a side stream; the
+  next parameter's state is prefetched while this one updates (the order is
+  the previous step's); after the update it is written back asynchronously on
+  a second side stream. At most ``MAX_IN_FLIGHT`` write-backs are pending, so
+  device memory holds a few parameters' states, not all of them.
+- **CPU**: states over the RAM budget live in file-backed shared memory maps in
+  a spill directory (``paged_dir``, default ``tempfile.gettempdir()``). The OS
+  writes those pages to disk and drops them under memory pressure, so a machine
+  without swap can hold states larger than its free RAM; the update runs on the
+  mapped memory in place, and the next parameter's pages are prefetched with
+  ``madvise(MADV_WILLNEED)``. Each spill file is unlinked as soon as it is
+  mapped: the mapping keeps the data, and nothing is left behind however the
+  process ends (``del``, garbage collection, an exception, even SIGKILL).
+
+The update itself is the same kernel on the same values, so paged and
+non-paged optimizers give bit-identical results; ``export`` copies paged
+tensors out into plain CPU tensors so a paged state dict equals a non-paged
+one and loads either way.
+
+Budget (``paged_budget``): bytes (a number > 1, or ``"2GiB"``), a fraction of
+the memory free when the first state is placed (``0.25`` or ``"25%"``), or
+``None``/``"auto"`` (= ``AUTO_FRACTION``). Free memory is ``MemAvailable`` on
+CPU and, on CUDA, the driver's free memory plus what torch's allocator holds
+unused. ``paged_budget=0`` pages everything.
+"""
+
+from __future__ import annotations
+
+import math
+import mmap
+import os
+import re
+import resource
+import tempfile
+import time
+import warnings
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+#: fraction of free memory the automatic budget lets states keep beside their parameters
+AUTO_FRACTION = 0.5
+#: pending device->host write-backs before the host waits (bounds device memory in use)
+MAX_IN_FLIGHT = 3
+_ALIGN = 64
+_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([kmgt]i?)?b?\s*$", re.IGNORECASE)
+_ALLOWED = (
+    "bytes (a number > 1 or a size such as '2GiB'), a fraction of free memory in (0, 1] "
+    "(0.25 or '25%'), 0 (page everything) or 'auto'"
+)
+
+
+def parse_budget(value: Any) -> tuple[str, float]:
+    """``("fraction", f)`` or ``("bytes", n)`` for a ``paged_budget`` value; ValueError if invalid."""
+
+    def fail() -> ValueError:
+        return ValueError(f"Invalid paged_budget: {value!r} (allowed: {_ALLOWED})")
+
+    if value is None or (isinstance(value, str) and value.strip().lower() == "auto"):
+        return "fraction", AUTO_FRACTION
+    if isinstance(value, str):
+        text = value.strip()
+        if text.endswith("%"):
+            try:
+                percent = float(text[:-1])
+            except ValueError:
+                raise fail() from None
+            if not 0 < percent <= 100:
+                raise fail()
+            return "fraction", percent / 100
+        match = _SIZE.match(text)
+        if match is None:
+            raise fail()
+        return "bytes", float(int(float(match.group(1)) * _UNITS[(match.group(2) or "").lower()]))
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+        raise fail()
+    if isinstance(value, float) and 0 < value <= 1:
+        return "fraction", float(value)
+    return "bytes", float(int(value))
+
+
+def free_bytes(device: torch.device) -> int:
+    """Memory free for new tensors on ``device`` (see the module docstring)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _fs_type(path: str) -> str:
+    """Filesystem type of ``path`` from /proc/mounts ("" when unknown)."""
+    best, kind = "", ""
+    try:
+        with open("/proc/mounts") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) > 2 and path.startswith(parts[1]) and len(parts[1]) > len(best):
+                    best, kind = parts[1], parts[2]
+    except OSError:
+        pass
+    return kind
+
+
+@dataclass
+class _Paged:
+    """Bookkeeping for one parameter whose state lives off its device."""
+
+    state: dict[str, Tensor]  # the optimizer's state dict for the parameter (home tensors)
+    keys: tuple[str, ...]  # which entries are paged
+    device: torch.device  # the parameter's device
+    nbytes: int
+    region: mmap.mmap | None = None  # CPU: the file-backed mapping holding the tensors
+    ready: Any = None  # CUDA: event after the host->device copy
+    pending: dict[str, Tensor] | None = None  # CUDA: device copies (prefetched or in use)
+    written: Any = None  # CUDA: event after the last write-back
+
+
+@dataclass
+class _Stats:
+    moved_bytes: int = 0
+    stall_s: float = 0.0
+    faults: int = 0
+    totals: dict[str, float] = field(default_factory=lambda: {"moved_bytes": 0, "stall_s": 0.0, "steps": 0})
+
+
+class PagedPlacement:
+    """Decides where each parameter's state lives and moves it around the update.
+
+    The engine calls ``place`` once a parameter's state exists, ``fetch`` before
+    the update of a list of parameters (it returns the state dicts to update),
+    ``release`` after it, ``end_step`` after each optimizer step and ``export``
+    on a state dict before handing it out.
+    """
+
+    def __init__(self, paged_budget: Any = None, paged_dir: str | None = None) -> None:
+        self.budget_spec = parse_budget(paged_budget)
+        spill = tempfile.gettempdir() if paged_dir is None else str(paged_dir)
+        if not (os.path.isdir(spill) and os.access(spill, os.W_OK)):
+            raise ValueError(f"Invalid paged_dir: {paged_dir!r} (not an existing writable directory)")
+        self.paged_dir = spill
+        self._budget: dict[torch.device, int] = {}
+        self._resident: dict[Tensor, tuple[torch.device, int]] = {}
+        self._used: dict[torch.device, int] = {}
+        self._paged: dict[Tensor, _Paged] = {}
+        self._order: list[Tensor] = []
+        self._next: dict[Tensor, Tensor] = {}
+        self._streams: dict[torch.device, tuple[Any, Any]] = {}
+        self._in_flight: deque[Any] = deque()
+        self._stats = _Stats()
+        self._faults0 = _major_faults()
+        self._warned_tmpfs = False
+
+    def __getstate__(self) -> dict[str, Any]:
+        # a copy (deepcopy, pickle) keeps the options; its states are placed anew when first stepped
+        return {"budget_spec": self.budget_spec, "paged_dir": self.paged_dir}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(None, state["paged_dir"])  # type: ignore[misc]
+        self.budget_spec = state["budget_spec"]
+
+    def __repr__(self) -> str:
+        return f"PagedPlacement(budget={self.budget_spec}, paged_dir={self.paged_dir!r})"
+
+    # --- where a state lives ------------------------------------------------------
+
+    def budget(self, device: torch.device) -> int:
+        """The bytes of state allowed beside parameters on ``device`` (fixed at first use)."""
+        if device not in self._budget:
+            kind, value = self.budget_spec
+            self._budget[device] = int(value if kind == "bytes" else value * free_bytes(device))
+        return self._budget[device]
+
+    def place(self, param: Tensor, state: dict[str, Tensor]) -> None:
+        """Keep ``state`` beside its parameter within budget, else move it off the device."""
+        self._forget(param)
+        keys = tuple(k for k, t in state.items() if isinstance(t, Tensor) and t.dim() > 0 and t.numel() > 0)
+        if not keys:
+            return
+        to_local = getattr(param, "to_local", None)  # a DTensor's state is its local shard's
+        device = (to_local() if to_local is not None else param).device
+        nbytes = sum(state[k].nbytes for k in keys)
+        if self._used.get(device, 0) + nbytes <= self.budget(device):
+            for k in keys:
+                if state[k].device != device:  # a copied paged state coming home
+                    state[k] = state[k].to(device)
+            self._resident[param] = (device, nbytes)
+            self._used[device] = self._used.get(device, 0) + nbytes
+            return
+        entry = _Paged(state, keys, device, nbytes)
+        if device.type == "cuda":
+            for k in keys:
+                state[k] = torch.empty(state[k].shape, dtype=state[k].dtype, pin_memory=True).copy_(state[k])
+        elif device.type == "cpu":
+            entry.region = self._map(state, keys, nbytes)
+        else:
+            raise RuntimeError(f"placement='paged' supports CPU and CUDA parameters, not {device.type}")
+        self._paged[param] = entry
+
+    def _forget(self, param: Tensor) -> None:
+        device, nbytes = self._resident.pop(param, (None, 0))
+        if device is not None:
+            self._used[device] -= nbytes
+        self._paged.pop(param, None)
+
+    def _map(self, state: dict[str, Tensor], keys: Sequence[str], nbytes: int) -> mmap.mmap:
+        """Copy ``state[keys]`` into one file-backed mapping (its file already unlinked)."""
+        if not self._warned_tmpfs and _fs_type(os.path.realpath(self.paged_dir)) in ("tmpfs", "ramfs"):
+            self._warned_tmpfs = True
+            warnings.warn(
+                f"hf_optim: paged_dir {self.paged_dir!r} is in memory ({_fs_type(self.paged_dir)}): "
+                "paged states will still use RAM; pass paged_dir= (or set TMPDIR to) a disk directory.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        offsets, size = [], 0
+        for k in keys:
+            offsets.append(size)
+            size += -(-state[k].nbytes // _ALIGN) * _ALIGN
+        fd, path = tempfile.mkstemp(prefix="hf_optim_paged_", suffix=".bin", dir=self.paged_dir)
+        try:
+            try:
+                os.posix_fallocate(fd, 0, size)  # reserve the disk now: a full disk errors here, not SIGBUS later
+            except OSError as err:
+                raise OSError(
+                    err.errno, f"hf_optim: cannot reserve {size} bytes for paged optimizer state in "
+                    f"{self.paged_dir!r} ({err.strerror}); pass paged_dir= a directory with space"
+                ) from None
+            region = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+            os.unlink(path)  # the mapping keeps the data; nothing can be left behind
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            raw = torch.frombuffer(region, dtype=torch.uint8)
+        for k, offset in zip(keys, offsets, strict=True):
+            t = state[k]
+            home = raw[offset : offset + t.nbytes].view(t.dtype).view(t.shape)
+            home.copy_(t)
+            state[k] = home
+        return region
+
+    # --- around the update ----------------------------------------------------------
+
+    def run(
+        self,
+        params: Sequence[Tensor],
+        items: Sequence[Any],
+        step: Callable[[list[Any]], None],
+        states: Mapping[Tensor, dict[str, Tensor]],
+    ) -> None:
+        """Run ``step`` over one bucket: resident parameters at once, paged ones one by one.
+
+        ``items`` are the engine's step inputs (with a ``state`` field and
+        ``_replace``), one per parameter in ``params``; ``states`` is the
+        optimizer's state mapping. A paged parameter's item gets the state
+        ``fetch`` returns, and ``release`` follows its update.
+        """
+        items = list(items)
+        for i, p in enumerate(params):
+            if p not in self._paged and p not in self._resident:  # e.g. after a deepcopy: place, re-read
+                self.place(p, states[p])
+                items[i] = items[i]._replace(state=_flat(states[p]))
+        paged = [i for i, p in enumerate(params) if p in self._paged]
+        if not paged:
+            step(items)
+            return
+        first = self._paged[params[paged[0]]]
+        self._prefetch(first)  # overlaps the resident parameters' update
+        chosen = set(paged)
+        resident = [item for i, item in enumerate(items) if i not in chosen]
+        if resident:
+            step(resident)
+        for i in paged:
+            param = params[i]
+            (working,) = self.fetch([param], [states[param]])
+            step([items[i]._replace(state=working)])
+            self.release([param], [states[param]])
+
+    def fetch(self, params: Sequence[Tensor], states: Sequence[dict[str, Tensor]]) -> list[dict[str, Tensor]]:
+        """Flat (1-D) state dicts to update ``params`` with, on their device; prefetches the next.
+
+        ``states`` are the optimizer's state dicts of ``params``.
+        """
+        out = []
+        for param, state in zip(params, states, strict=True):
+            entry = self._paged.get(param)
+            if entry is not None and entry.state is not state:  # replaced behind our back: place anew
+                self.place(param, state)
+                entry = self._paged.get(param)
+            if entry is None:
+                out.append(_flat(state))
+                continue
+            self._order.append(param)
+            if entry.device.type == "cpu":
+                out.append(_flat(state))  # updated in place in the mapping
+            else:
+                if entry.pending is None:
+                    self._to_device(entry)
+                torch.cuda.current_stream(entry.device).wait_event(entry.ready)
+                out.append(_flat({**state, **entry.pending}))
+            nxt = self._paged.get(self._next.get(param))  # type: ignore[arg-type]
+            if nxt is not None:
+                self._prefetch(nxt)
+        return out
+
+    def release(self, params: Sequence[Tensor], states: Sequence[dict[str, Tensor]]) -> None:
+        """After the update of ``params``: write device copies back to the host, asynchronously."""
+        for param in params:
+            entry = self._paged.get(param)
+            if entry is None or entry.device.type != "cuda" or entry.pending is None:
+                continue
+            compute = torch.cuda.current_stream(entry.device)
+            _, d2h = self._side_streams(entry.device)
+            done = torch.cuda.Event()
+            done.record(compute)
+            d2h.wait_event(done)
+            with torch.cuda.stream(d2h):
+                for k in entry.keys:
+                    working = entry.pending[k]
+                    entry.state[k].copy_(working, non_blocking=True)
+                    working.record_stream(compute)
+                    working.record_stream(d2h)
+            entry.written = torch.cuda.Event()
+            entry.written.record(d2h)
+            entry.pending = entry.ready = None
+            self._in_flight.append(entry.written)
+            self._stats.moved_bytes += entry.nbytes
+
+    def end_step(self) -> None:
+        """Close one optimizer step: learn the order for prefetch, roll the statistics."""
+        if self._order:
+            self._next = dict(zip(self._order, self._order[1:]))
+            self._order = []
+        s = self._stats
+        faults = _major_faults()
+        s.faults, self._faults0 = faults - self._faults0, faults
+        s.totals["moved_bytes"] += s.moved_bytes
+        s.totals["stall_s"] += s.stall_s
+        s.totals["steps"] += 1
+        self._last = {"moved_bytes": s.moved_bytes, "stall_s": s.stall_s, "major_faults": s.faults}
+        s.moved_bytes, s.stall_s = 0, 0.0
+
+    def _side_streams(self, device: torch.device) -> tuple[Any, Any]:
+        if device not in self._streams:
+            self._streams[device] = (torch.cuda.Stream(device), torch.cuda.Stream(device))
+        return self._streams[device]
+
+    def _to_device(self, entry: _Paged) -> None:
+        while len(self._in_flight) >= MAX_IN_FLIGHT:  # bound the device copies alive at once
+            event = self._in_flight.popleft()
+            if not event.query():
+                t0 = time.perf_counter()
+                event.synchronize()
+                self._stats.stall_s += time.perf_counter() - t0
+        h2d, _ = self._side_streams(entry.device)
+        if entry.written is not None:  # the host copy must hold the last write-back
+            h2d.wait_event(entry.written)
+        with torch.cuda.stream(h2d):
+            entry.pending = {k: entry.state[k].to(entry.device, non_blocking=True) for k in entry.keys}
+        entry.ready = torch.cuda.Event()
+        entry.ready.record(h2d)
+        self._stats.moved_bytes += entry.nbytes
+
+    def _prefetch(self, entry: _Paged) -> None:
+        if entry.device.type == "cuda":
+            if entry.pending is None:
+                self._to_device(entry)
+        elif entry.region is not None and hasattr(mmap, "MADV_WILLNEED"):
+            entry.region.madvise(mmap.MADV_WILLNEED)
+
+    # --- state dict and telemetry ---------------------------------------------------
+
+    def synchronize(self) -> None:
+        """Wait for every pending write-back (host copies are then current)."""
+        while self._in_flight:
+            self._in_flight.popleft().synchronize()
+
+    def export(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """``state_dict`` with paged tensors copied out into plain CPU tensors."""
+        if not self._paged:
+            return state_dict
+        self.synchronize()
+        paged = {id(e.state[k]) for e in self._paged.values() for k in e.keys}
+        state_dict["state"] = {
+            index: {k: _plain(t) if id(t) in paged else t for k, t in state.items()}
+            if any(id(t) in paged for t in state.values())
+            else state
+            for index, state in state_dict["state"].items()
+        }
+        return state_dict
+
+    def stats(self) -> dict[str, float]:
+        """Telemetry: bytes resident/paged now, and bytes moved / stall of the last step and in total."""
+        last = getattr(self, "_last", {"moved_bytes": 0, "stall_s": 0.0, "major_faults": 0})
+        totals = self._stats.totals
+        return {
+            "resident_bytes": sum(n for _, n in self._resident.values()),
+            "paged_bytes": sum(e.nbytes for e in self._paged.values()),
+            "paged_params": len(self._paged),
+            "budget_bytes": sum(self._budget.values()),
+            "moved_bytes": last["moved_bytes"],
+            "stall_s": last["stall_s"],
+            "major_faults": last["major_faults"],
+            "total_moved_bytes": totals["moved_bytes"],
+            "total_stall_s": totals["stall_s"],
+            "steps": totals["steps"],
+        }
+
+
+def _flat(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    # as the engine passes state to the step: every tensor 1-D except the 0-d step
+    return {k: v if v.dim() == 1 or k == "step" else v.view(-1) for k, v in state.items()}
+
+
+def _plain(t: Tensor) -> Tensor:
+    out = torch.empty(t.shape, dtype=t.dtype, device="cpu")
+    out.copy_(t)
+    return out
+
+
+def _major_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_majflt

@@ -1,0 +1,26 @@
+"""``hf-optim bench``: the quick step-time table runs and reports every candidate (no timing assertions)."""
+
+from __future__ import annotations
+
+import json
+
+from hf_optim import bench, cli
+
+
+def test_bench_json_has_a_row_per_candidate(capsys):
+    assert cli.main(["bench", "--optims", "adamw,lion_8bit", "--numel", "64K", "--tensors", "2", "--steps", "2",
+                     "--warmup", "1", "--json"]) == 0
+    rows = {r["candidate"]: r for r in json.loads(capsys.readouterr().out)}
+    assert {bench.BASELINE, "hf_optim adamw (eager)", "hf_optim lion_8bit (eager)"} <= set(rows)
+    assert rows[bench.BASELINE]["x_fused"] == 1.0
+    measured = [r for r in rows.values() if r["median_ms"] is not None]
+    assert all(r["median_ms"] > 0 for r in measured) and len(measured) >= 3
+    # peers of the same rules are found when installed, and run or say why not
+    assert all(r["note"] == "" or r["note"].startswith("skipped:") for r in rows.values())
+
+
+def test_bench_table(capsys):
+    assert cli.main(["bench", "--optims", "adamw", "--numel", "16K", "--tensors", "1", "--steps", "1",
+                     "--no-peers"]) == 0
+    out = capsys.readouterr().out
+    assert "x torch fused" in out and "hf_optim adamw (eager)" in out and "optimi" not in out
