@@ -56,8 +56,13 @@ class Optimizer(torch.optim.Optimizer):
             or ``None``/``"auto"`` (half of what is free); the rest is paged. Error otherwise.
         paged_dir: with ``placement="paged"`` on CPU: the spill directory for file-backed
             state (default ``tempfile.gettempdir()``). Error otherwise.
-        state_precision: storage of the state buffers, ``"fp32"`` or ``"bf16"``
-            (``"8bit"`` once registered); settable per param group.
+        state_precision: storage of the state buffers, ``"fp32"``, ``"bf16"`` or
+            ``"8bit"`` (block-wise, ``hf_optim.state.blockwise``); settable per param group.
+            On load, the loading optimizer's storage wins and saved state converts to it.
+        min_8bit_size, fp32_patterns: under ``"8bit"``, tensors with fewer elements
+            (default 4096) or whose name matches one of the regexes (default: embeddings,
+            lm_head, norms) keep fp32 state; settable per param group. See
+            ``precision_report()``.
         kahan_sum: keep a compensation buffer for bf16/fp16 params so small updates
             are not lost to rounding; settable per param group.
         **hyperparameters: the rule's own (``lr``, ``betas``, ...); anything else is an error.

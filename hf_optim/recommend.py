@@ -170,7 +170,7 @@ def recommend(
                 f"memory-constrained: AdamW needs {memory.format_bytes(need)} for weights, gradients and "
                 f"states, the device has {memory.format_bytes(budget)}"
             )
-            optim, hp = _memory_choice(size, budget, param_dtype, tuning_budget, adamw_lr, wd, reasons)
+            optim, hp = _memory_choice(size, budget, param_dtype, adamw_lr, wd, reasons)
     elif task == "cnn":
         if tuning_budget == "high":
             default_path = False
@@ -226,13 +226,12 @@ def recommend(
     )
 
 
-def _memory_choice(size, budget, param_dtype, tuning_budget, adamw_lr, wd, reasons):
+def _memory_choice(size, budget, param_dtype, adamw_lr, wd, reasons):
     """The memory branch: 8-bit AdamW, then Lion, then paged states, smallest change first."""
     candidates = [("adamw_8bit", "8-bit AdamW keeps ~1/4 of the state bytes at ~the same accuracy")]
     candidates.append(("lion_8bit", "8-bit Lion: one 8-bit buffer instead of two"))
     candidates.append(("paged_adamw_8bit", "paged 8-bit AdamW: states move off the device when it is full"))
-    if tuning_budget == "high":  # Lion needs its own lr/wd; only when there is time to check them
-        candidates.insert(1, ("lion", "Lion: one fp32 buffer, half of AdamW's state"))
+    # (fp32 Lion, 4 bytes/param, never fits where 8-bit AdamW, ~2 bytes/param, does not)
     for name, why in candidates:
         if not _registered(name):
             continue

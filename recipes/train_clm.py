@@ -44,7 +44,7 @@ class DataArgs:
 
 #: demo defaults (any of them can be overridden on the command line)
 DEFAULTS = dict(
-    output_dir="out/train_clm", max_steps=120, learning_rate=3e-3, warmup_steps=10, weight_decay=0.01,
+    output_dir="out/train_clm", max_steps=100, learning_rate=3e-3, warmup_steps=10, weight_decay=0.01,
     per_device_train_batch_size=16, per_device_eval_batch_size=32, eval_strategy="steps", eval_steps=20,
     logging_steps=5, save_steps=60, save_total_limit=2, report_to="none", seed=0, disable_tqdm=True,
     dataloader_num_workers=0, dataloader_pin_memory=False,

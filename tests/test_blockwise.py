@@ -8,6 +8,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch import Tensor
 
 from hf_optim.rules.base import Buffer
 from hf_optim.state import CODECS, FP32, codec_for, validate_policy
@@ -34,10 +35,8 @@ def brute_force_codes(codec: BlockwiseCodec, buffer: Buffer, x: Tensor, absmax: 
     return codes, distance == best  # every nearest code (ties allowed)
 
 
-Tensor = torch.Tensor
 
-
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(
     numel=st.integers(1, 3 * BLOCK + 7),
     seed=st.integers(0, 2**31 - 1),
@@ -103,8 +102,10 @@ def test_all_zero_block_stays_zero():
     assert torch.equal(y, x) and stored["m.absmax"][0] == 0
 
 
-@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
-@pytest.mark.parametrize("buffer", [SIGNED, UNSIGNED])
+@pytest.mark.parametrize(
+    "bad, buffer",
+    [(math.nan, SIGNED), (math.inf, SIGNED), (-math.inf, SIGNED), (math.nan, UNSIGNED), (math.inf, UNSIGNED)],
+)
 def test_a_non_finite_value_never_poisons_its_block(bad, buffer):
     """Policy: the block scale ignores non-finite values; NaN stores 0, +-Inf saturates."""
     x = torch.randn(2 * BLOCK, generator=torch.Generator().manual_seed(1))
@@ -113,8 +114,6 @@ def test_a_non_finite_value_never_poisons_its_block(bad, buffer):
     clean[5] = 0.0
     poisoned = x.clone()
     poisoned[5] = bad
-    if buffer.kind == "unsigned" and bad < 0:
-        pytest.skip("second moments are never negative")
     clean_stored, _ = roundtrip(EIGHT_BIT, buffer, clean)
     stored, y = roundtrip(EIGHT_BIT, buffer, poisoned)
     assert torch.equal(stored[f"{buffer.name}.absmax"], clean_stored[f"{buffer.name}.absmax"])

@@ -69,6 +69,7 @@ class StableAdamW(UpdateRule):
             "one_minus_beta2": 1 - beta2,
             "inv_bias_correction1": 1 / (1 - beta1**step),
             "inv_bias_correction2": 1 / (1 - beta2**step),
+            "inv_bias_correction2_sqrt": (1 - beta2**step).rsqrt(),
             "eps": eps,
             "eps_sq": eps * eps,
         }
@@ -89,4 +90,6 @@ class StableAdamW(UpdateRule):
         rms = global_mean_sqrt(g * v_hat.maximum(c["eps_sq"]).rsqrt(), norm)
         lr = c["lr"] / rms.clamp(min=1.0)
         p.mul_(1 - lr * c["weight_decay"])
-        p.sub_(exp_avg * c["inv_bias_correction1"] / (v_hat.sqrt() + c["eps"]) * lr)
+        # sqrt(v) * rsqrt(bc2), not sqrt(v_hat): reads the stored v instead of a v_hat temporary
+        denom = exp_avg_sq.sqrt() * c["inv_bias_correction2_sqrt"] + c["eps"]
+        p.sub_(exp_avg * c["inv_bias_correction1"] / denom * lr)

@@ -15,19 +15,25 @@ c0 + 1 gives exactly the nearest level, so the compiled step is pure
 arithmetic that inductor fuses with the update rule. The code map is a
 function of the codec, never stored per parameter.
 
-Chosen by measurement (``benchmarks/state_memory.py --maps``; randn round trip
-on 1024x1024, blocks of 256, and AdamW 8-bit vs fp32 with per-step re-sync,
-50 steps, lr 1e-3, betas (0.9, 0.999), wd 0.1, on a 64x4096 layer)::
+Chosen by measurement (``python benchmarks/state_memory.py --maps``): randn
+round trip of 1024x1024 in blocks of 256 (signed map), and AdamW 8-bit vs
+torch fp32 AdamW over 50 steps re-synced after each (16x4096 layer, lr 1e-3,
+betas (0.85, 0.995), wd 0.1), with iid gradients and with per-element gradient
+scales exp(2 * randn) ("spread": real layers' second moments span decades
+inside one block). Mean abs / mean rel errors::
 
-    map (signed / unsigned)            randn abs  randn rel   AdamW abs  AdamW rel
-    bitsandbytes dynamic / dynamic     see MAP_MEASUREMENTS below
-    square / fourth power (chosen)
-    square / square
-    linear / fourth power
+    map (signed / unsigned)      randn abs  randn rel  AdamW abs  AdamW rel  spread abs  spread rel
+    bitsandbytes dynamic (bnb)     0.00853     0.0155    4.51e-6    5.6e-4      1.1e-4      0.013
+    square / fourth (chosen)       0.00559     0.0117    3.12e-6    4.2e-4      6.0e-5      0.0063
+    square / square                0.00559     0.0117    2.89e-6    4.0e-4      3.0e-3      1.03
+    cube / fourth                  0.00679     0.0115    3.69e-6    4.5e-4      6.0e-5      0.0060
+    linear / fourth                0.00598     0.0313    3.28e-6    4.0e-4      1.6e-4      0.022
 
-(The numbers are in ``MAP_MEASUREMENTS``.) A consequence: a bitsandbytes 8-bit
-state dict cannot be loaded (a clear ``ValueError`` says so); fp32 and bf16
-state dicts, ours or torch.optim's, convert to and from 8-bit on load.
+Square/fourth is best or within noise of best on every column and about half
+the error of the dynamic map; the unsigned map must be steep (square fails
+once gradient scales spread). A consequence: a bitsandbytes 8-bit state dict
+cannot be loaded (a clear ``ValueError`` says so); fp32 and bf16 state dicts,
+ours or torch.optim's, convert to and from 8-bit on load.
 
 Non-finite values (a NaN/Inf gradient reaches the state): each one is
 confined to its own element. A block's scale is the maximum over its finite
@@ -126,20 +132,27 @@ class BlockwiseCodec(StateCodec):
         cmap = self.code_map(buffer)
         q = codes.float()
         level = cmap.level(q.abs()) * q.sign() if cmap.signed else cmap.level(q)
-        # whole blocks times their scale, the ragged tail's padding dropped. (An indexed load
-        # absmax[arange(numel) // BLOCK] is shorter, but inductor's 2-D tiling of it skipped
-        # the ragged tail when fused with encode: measured wrong codes in torch 2.13.)
-        blocks = absmax.numel()
-        level = torch.nn.functional.pad(level, (0, blocks * BLOCK - numel)).view(blocks, BLOCK)
-        return (level * absmax.view(blocks, 1)).view(-1)[:numel]
+        # whole blocks as (blocks, BLOCK) times their scales, then the ragged tail by itself:
+        # zero-padding the tail instead made inductor emit scalar, modulo-indexed loops (15x
+        # slower), and an indexed load absmax[arange(numel) // BLOCK] lost the tail when fused
+        full = numel // BLOCK
+        out = (level[: full * BLOCK].view(full, BLOCK) * absmax[:full].view(full, 1)).view(-1)
+        if numel % BLOCK:
+            out = torch.cat([out, level[full * BLOCK :] * absmax[full]])
+        return out
 
     def encode(self, value: Tensor, stored: MutableMapping[str, Tensor], buffer: Buffer) -> None:
         codes_key, absmax_key = self.keys(buffer)
         codes, absmax = stored[codes_key], stored[absmax_key]
+        numel = value.numel()
+        full = numel // BLOCK
+        self._encode_part(value[: full * BLOCK].view(full, BLOCK), codes[: full * BLOCK], absmax[:full], buffer)
+        if numel % BLOCK:
+            self._encode_part(value[full * BLOCK :].view(1, -1), codes[full * BLOCK :], absmax[full:], buffer)
+
+    def _encode_part(self, value: Tensor, codes: Tensor, absmax: Tensor, buffer: Buffer) -> None:
+        """Quantize ``value`` (blocks, block size) into ``codes`` (flat) and ``absmax`` (blocks)."""
         cmap = self.code_map(buffer)
-        numel, blocks = value.numel(), absmax.numel()
-        # work on whole blocks (the ragged tail padded with zeros), then drop the padding
-        value = torch.nn.functional.pad(value, (0, blocks * BLOCK - numel)).view(blocks, BLOCK)
         finite = value.isfinite()
         magnitude = torch.where(finite, value.abs(), 0.0)
         block_max = magnitude.amax(dim=1, keepdim=True)
@@ -148,7 +161,7 @@ class BlockwiseCodec(StateCodec):
         c = cmap.nearest(a.clamp(0.0, 1.0))
         if cmap.signed:
             c = torch.where(value < 0, -c, c)
-        codes.copy_(c.view(-1)[:numel])
+        codes.copy_(c.view(-1))
         absmax.copy_(block_max.view(-1))
 
     def nbytes(self, numel: int) -> int:
