@@ -17,8 +17,11 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# the main job: four optimizers on the small causal-LM recipe (same seed and steps, lr translated
+# from AdamW's for each), then report.md with loss / memory / lr plots under runs/demo
 demo: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m hf_optim.demo
+	HF_HUB_OFFLINE=1 $(BIN)/hf-optim compare --optims adamw,adamw_8bit,lion_8bit,lamb --max_steps 40 \
+		--adamw_lr 3e-3 --adamw_weight_decay 0.01 --out runs/demo
 
 test: $(STAMP)
 	$(BIN)/ruff check .

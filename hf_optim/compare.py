@@ -151,8 +151,15 @@ def compare(
     extra_args: Sequence[str] = (),
     timeout_s: float | None = None,
     progress: bool = True,
+    adamw_lr: float | None = None,
+    adamw_weight_decay: float = 0.0,
 ) -> list[RunResult]:
-    """Run ``recipe`` once per optimizer (same seed and steps); write ``report.md`` and plots into ``out``."""
+    """Run ``recipe`` once per optimizer (same seed and steps); write ``report.md`` and plots into ``out``.
+
+    With ``adamw_lr`` (an lr tuned for AdamW), each optimizer gets its own lr and
+    weight decay from ``translate_hparams`` (Lion 5x smaller lr, ...), as a user
+    switching optimizers should; without it every run gets the recipe's lr.
+    """
     if not optims:
         raise ValueError("optims: give at least one optimizer name")
     for name in optims:
@@ -169,13 +176,26 @@ def compare(
     bar = tqdm(list(optims), desc="hf-optim compare", unit="run", disable=not progress)
     for name in bar:
         bar.set_postfix_str(name)
-        results.append(run_recipe(recipe, name, out, max_steps=max_steps, seed=seed, extra_args=extra_args,
+        args = [*_translated_args(name, adamw_lr, adamw_weight_decay), *extra_args]
+        results.append(run_recipe(recipe, name, out, max_steps=max_steps, seed=seed, extra_args=args,
                                   timeout_s=timeout_s))
     bar.close()
     plots = write_plots(results, out)
     write_report(results, out, recipe=recipe, max_steps=max_steps, seed=seed, extra_args=extra_args, plots=plots)
     (out / "results.json").write_text(json.dumps([r.as_dict() for r in results], indent=2))
     return results
+
+
+def _translated_args(name: str, adamw_lr: float | None, adamw_weight_decay: float) -> list[str]:
+    if adamw_lr is None:
+        return []
+    from .guidance import translate_hparams
+
+    try:
+        values = translate_hparams("adamw", name, lr=adamw_lr, weight_decay=adamw_weight_decay).values
+    except ValueError:  # no AdamW relation (SGD, LARS, plugins): the AdamW values as given
+        values = {"lr": adamw_lr, "weight_decay": adamw_weight_decay}
+    return ["--learning_rate", repr(values["lr"]), "--weight_decay", repr(values["weight_decay"])]
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -266,6 +286,9 @@ def cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="compare_out", help="output directory (default compare_out)")
     parser.add_argument("--timeout", type=float, default=None, help="seconds before a run is killed")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument("--adamw_lr", type=float, default=None,
+                        help="an lr tuned for AdamW: each optimizer gets its translated lr and weight decay")
+    parser.add_argument("--adamw_weight_decay", type=float, default=0.0, help="AdamW weight decay to translate")
     parser.add_argument("recipe_args", nargs="*", help="after --: extra arguments for the recipe")
 
 
@@ -273,7 +296,8 @@ def cli_run(args: argparse.Namespace) -> int:
     optims = [n.strip() for n in args.optims.split(",") if n.strip()]
     extra = [a for a in args.recipe_args if a != "--"]
     results = compare(optims, recipe=args.recipe, max_steps=args.max_steps, out=args.out, seed=args.seed,
-                      extra_args=extra, timeout_s=args.timeout)
+                      extra_args=extra, timeout_s=args.timeout, adamw_lr=args.adamw_lr,
+                      adamw_weight_decay=args.adamw_weight_decay)
     if args.json:
         print(json.dumps([r.as_dict() for r in results], indent=2))
     else:

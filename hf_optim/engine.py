@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .execution import EXECUTOR, KAHAN_KEY, StepConfig, StepItem, compiler_available, local_norm
 from .rules.base import Buffer, UpdateRule
-from .state import CODECS, MIN_8BIT_SIZE, StateCodec, codec_for, validate_policy
+from .state import CODECS, MIN_8BIT_SIZE, StateCodec, layout, validate_policy
 from .state.placement import PLACEMENTS, build_placement
 
 #: version of the state-dict layout, stored in every saved param group
@@ -171,8 +171,7 @@ class Optimizer(torch.optim.Optimizer):
         return {key: group[key] for key in sorted(self.rule.flag_names)}
 
     def _layout(self, p: Tensor, name: str | None, group: Mapping[str, Any]) -> tuple[tuple[Buffer, StateCodec], ...]:
-        codec = codec_for(group["state_precision"], name, p.numel(), group["min_8bit_size"], group["fp32_patterns"])
-        return tuple((buffer, codec) for buffer in self.rule.buffers(self._flags(group)))
+        return layout(group, name, p.numel(), self.rule.buffers(self._flags(group)))
 
     def _kahan(self, p: Tensor, group: Mapping[str, Any]) -> bool:
         return bool(group["kahan_sum"]) and p.dtype in (torch.bfloat16, torch.float16)
@@ -254,11 +253,39 @@ class Optimizer(torch.optim.Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
-        for group in sd["param_groups"]:
-            group[_FORMAT_KEY] = FORMAT_VERSION
+        for group, saved in zip(self.param_groups, sd["param_groups"]):
+            saved[_FORMAT_KEY] = FORMAT_VERSION
+            for (name, p), pid in zip(self._named(group), saved["params"]):
+                if pid in sd["state"] and _is_sharded(p):
+                    sd["state"][pid] = self._global_state(p, name, group)
         if self._pager is not None:  # paged tensors copied out into plain CPU tensors
             sd = self._pager.export(sd)
         return sd
+
+    def _global_state(self, p: Tensor, name: str, group: Mapping[str, Any]) -> dict[str, Tensor]:
+        """A sharded (FSDP2) parameter's state as DTensors shaped like the parameter.
+
+        torch.distributed.checkpoint saves plain tensors once (as replicated) but
+        DTensors per shard, so each buffer goes out as its fp32 value sharded like
+        the parameter; 8-bit codes are decoded (their blocks follow the local
+        shard, not the global tensor) and re-encoded on load by the cross-storage
+        conversion.
+        """
+        from torch.distributed.tensor import DTensor
+
+        state, local = self.state[p], _local(p)
+
+        def shard(t: Tensor) -> Tensor:
+            return DTensor.from_local(
+                t.reshape(local.shape), p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride()
+            )
+
+        out: dict[str, Tensor] = {"step": state["step"]}
+        for buffer, codec in self._layout(p, name, group):
+            out[buffer.name] = shard(codec.decode(_flat_state(state), buffer, local.numel()))
+        if KAHAN_KEY in state:
+            out[KAHAN_KEY] = shard(state[KAHAN_KEY])
+        return out
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Load a state dict, converting storage where it differs; all or nothing.
@@ -268,6 +295,7 @@ class Optimizer(torch.optim.Optimizer):
         8-bit, or torch.optim's) is decoded and re-encoded into this one's.
         """
         saved_groups = state_dict["param_groups"]
+        state_dict = {**state_dict, "state": {k: _to_local(v) for k, v in state_dict["state"].items()}}
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(
                 f"loaded state dict has {len(saved_groups)} parameter groups, "
@@ -348,6 +376,15 @@ def _local(t: Tensor) -> Tensor:
     """The local shard of a DTensor (FSDP2), the tensor itself otherwise."""
     to_local = getattr(t, "to_local", None)
     return to_local() if to_local is not None else t
+
+
+def _is_sharded(t: Tensor) -> bool:
+    return any(placement.is_shard() for placement in getattr(t, "placements", ()))
+
+
+def _to_local(param_state: Mapping[str, Any]) -> dict[str, Any]:
+    """A loaded per-parameter state with DTensors (from DCP) turned into local shards."""
+    return {k: _local(v) if isinstance(v, Tensor) else v for k, v in param_state.items()}
 
 
 class _ShardedNorm:

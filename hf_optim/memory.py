@@ -120,14 +120,19 @@ def param_state_bytes(
     step_counter: bool = True,
 ) -> int:
     """Exact state bytes one parameter gets from the optimizer ``spec``."""
-    from .state import codec_for
-
     rule, defaults = _rule_and_defaults(spec)
     group = {**defaults, **(hyperparameters or {})}
+    return group_param_state_bytes(rule, group, name, numel, dtype, step_counter=step_counter)
+
+
+def group_param_state_bytes(
+    rule: Any, group: dict[str, Any], name: str | None, numel: int, dtype: torch.dtype, *, step_counter: bool = True
+) -> int:
+    """Exact state bytes of one parameter under ``rule`` and a param group's options."""
+    from .state import layout
+
     flags = {k: group[k] for k in rule.flag_names}
-    policy = {k: group[k] for k in ("min_8bit_size", "fp32_patterns") if k in group}  # per-group 8-bit policy
-    codec = codec_for(group["state_precision"], name, numel, **policy)
-    total = sum(codec.nbytes(numel) for _ in rule.buffers(flags))
+    total = sum(codec.nbytes(numel) for _, codec in layout(group, name, numel, rule.buffers(flags)))
     if step_counter:
         total += STEP_BYTES
     if group.get("kahan_sum") and dtype in (torch.bfloat16, torch.float16):

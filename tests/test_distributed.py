@@ -146,12 +146,6 @@ def test_fsdp2_matches_single_process(fsdp_results, name):
         _assert_matches(name, key, ref, run0["params"][key])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine state_dict holds each rank's shard as a plain tensor; DCP treats plain tensors as "
-    "replicated (saves rank 0's, loads it everywhere: a size mismatch with uneven shards). Needs the "
-    "engine to expose sharded state as DTensors in state_dict (see the issue 8 report).",
-)
 @pytest.mark.parametrize("name", FSDP_NAMES)
 def test_fsdp2_distributed_checkpoint_round_trip(fsdp_results, name):
     names, results = fsdp_results

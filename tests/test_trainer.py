@@ -46,7 +46,7 @@ def test_transformers_names_still_give_transformers_optimizers(tmp_path):
 def test_unknown_optim_and_bad_optim_args_fail_at_construction(tmp_path):
     with pytest.raises(ValueError, match="Did you mean 'adamw'"):
         args(tmp_path, optim="adamw_typo")
-    with pytest.raises(ValueError, match="unknown key 'max_unorm'.*valid keys"):
+    with pytest.raises(ValueError, match=r"unknown key 'max_unorm'.*valid keys"):
         args(tmp_path, optim="adamw", optim_args="max_unorm=1.0")
 
 

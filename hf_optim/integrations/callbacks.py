@@ -120,25 +120,12 @@ def optimizer_report(optimizer: Any, lr_scheduler: Any = None) -> dict[str, Any]
     return report
 
 
-def _policy(group: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: group[k] for k in ("min_8bit_size", "fp32_patterns") if k in group}
-
-
 def _precision(opt: Any, group: Mapping[str, Any], name: str, p: torch.Tensor) -> str:
-    from ..state import codec_for
-
-    return codec_for(group["state_precision"], name, p.numel(), **_policy(group)).name
+    return "+".join(sorted({codec.name for _, codec in opt._layout(p, name, group)}))
 
 
 def _predicted_bytes(opt: Any, group: Mapping[str, Any], name: str, p: torch.Tensor) -> int:
-    from ..state import codec_for
-
-    flags = {k: group[k] for k in opt.rule.flag_names}
-    codec = codec_for(group["state_precision"], name, p.numel(), **_policy(group))
-    total = sum(codec.nbytes(p.numel()) for _ in opt.rule.buffers(flags)) + memory.STEP_BYTES
-    if group.get("kahan_sum") and p.dtype in (torch.bfloat16, torch.float16):
-        total += p.numel() * p.dtype.itemsize
-    return total
+    return memory.group_param_state_bytes(opt.rule, dict(group), name, p.numel(), p.dtype)
 
 
 def format_report(report: Mapping[str, Any]) -> str:

@@ -11,6 +11,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from ..rules.base import Buffer
 from .base import StateCodec
 from .blockwise import EIGHT_BIT, BlockwiseCodec
 from .dense import BF16, FP32, DenseCodec
@@ -50,12 +51,36 @@ def codec_for(
     return codec
 
 
+def layout(
+    group: Mapping[str, Any], param_name: str | None, global_numel: int, buffers: Sequence[Buffer]
+) -> tuple[tuple[Buffer, StateCodec], ...]:
+    """Each state buffer of one parameter with the codec that stores it, under a group's options.
+
+    Copies of the parameter (``param`` buffers: Lookahead's slow weights) stay
+    fp32 under a quantized codec: the parameter is reset to them, so quantizing
+    them would put the weights themselves on the 8-bit grid.
+    """
+    codec = codec_for(
+        group["state_precision"], param_name, global_numel,
+        group.get("min_8bit_size", MIN_8BIT_SIZE), group.get("fp32_patterns"),
+    )
+    quantized = isinstance(codec, BlockwiseCodec)
+    return tuple((buffer, FP32 if quantized and buffer.kind == "param" else codec) for buffer in buffers)
+
+
 def validate_policy(group: Mapping[str, Any]) -> None:
     """Check a param group's ``min_8bit_size`` and ``fp32_patterns`` options."""
     size = group.get("min_8bit_size", MIN_8BIT_SIZE)
+    patterns = group.get("fp32_patterns")
+    if not isinstance(CODECS.get(group.get("state_precision", "fp32")), BlockwiseCodec):
+        for key, value, default in (("min_8bit_size", size, MIN_8BIT_SIZE), ("fp32_patterns", patterns, None)):
+            if value != default:  # never accept an option and ignore it
+                raise ValueError(
+                    f"{key}={value!r} only applies to quantized state; this group's state_precision is "
+                    f"{group.get('state_precision')!r} (use state_precision='8bit' or drop {key})"
+                )
     if isinstance(size, bool) or not isinstance(size, int) or size < 0:
         raise ValueError(f"Invalid min_8bit_size: {size!r} (allowed: an int >= 0)")
-    patterns = group.get("fp32_patterns")
     if patterns is None:
         return
     if isinstance(patterns, str) or not isinstance(patterns, Sequence):
@@ -77,5 +102,6 @@ __all__ = [
     "DenseCodec",
     "StateCodec",
     "codec_for",
+    "layout",
     "validate_policy",
 ]
