@@ -198,8 +198,9 @@ class Optimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             scalars = self.rule.scalars(group)
             # parameters that share a configuration and device run as one bucket
-            buckets: dict[tuple, list[tuple[Tensor, Tensor, dict[str, Tensor], Tensor | None]]] = {}
+            buckets: dict[tuple, list[StepItem]] = {}
             owners: dict[tuple, list[Tensor]] = {}  # the parameters of each bucket, for the pager
+            configs: dict[tuple, StepConfig] = {}  # keyed by id: hashing a config per parameter costs
             for name, p in self._named(group):
                 if p.grad is None:
                     continue
@@ -211,16 +212,20 @@ class Optimizer(torch.optim.Optimizer):
                     if self._pager is not None:  # paged placement: decide where the new state lives
                         self._pager.place(p, state)
                 local, grad = _local(p), _local(p.grad)
-                key = (self._config(p, name, group), local.device)
-                buckets.setdefault(key, []).append(_flat(local, grad, state))
-                owners.setdefault(key, []).append(p)
-            for (config, device), items in buckets.items():
+                config = self._config(p, name, group)
+                key = (id(config), local.device)
+                if key not in buckets:
+                    buckets[key], owners[key], configs[key] = [], [], config
+                buckets[key].append(_flat(local, grad, state))
+                owners[key].append(p)
+            for key, items in buckets.items():
+                config, device = configs[key], key[1]
                 hp = _as_tensors(scalars, device)
                 if self._pager is None:
                     EXECUTOR.run(self._compiled, config, items, hp)
                 else:  # paged placement: each paged state fetched to the device around its update
                     run = lambda chunk, c=config, hp=hp: EXECUTOR.run(self._compiled, c, chunk, hp)  # noqa: E731
-                    self._pager.run(owners[(config, device)], items, run, self.state)
+                    self._pager.run(owners[key], items, run, self.state)
         if self._pager is not None:
             self._pager.end_step()
         return loss
@@ -235,7 +240,8 @@ class Optimizer(torch.optim.Optimizer):
         if config is None:
             layout = self._layout(p, name, group)
             config = StepConfig(self.rule, layout, tuple(flags.items()), p.dtype, self._kahan(p, group), _norm_for(p))
-            self._configs[cache_key] = config
+            # one object per distinct configuration, so buckets can key on its id
+            config = self._configs[cache_key] = self._configs.setdefault(config, config)
         return config
 
     def paging_stats(self) -> dict[str, float]:

@@ -11,9 +11,10 @@ hyperparameters are 0-d tensors, so schedules never recompile.
 
 from __future__ import annotations
 
+import contextlib
 import types
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, NamedTuple
 
 import torch
@@ -55,7 +56,8 @@ def make_step(
             p32 = p32 + stored[KAHAN_KEY].float()
         c = rule.coefficients(hp, step, flags)
         # one realized buffer: inductor would otherwise recompute the scalar math per element
-        c = dict(zip(c, torch.stack(list(c.values())).unbind(0)))
+        packed = torch.stack(list(c.values()))
+        c = {key: packed[i] for i, key in enumerate(c)}
         state = {buffer.name: codec.decode(stored, buffer, p.numel()) for buffer, codec in codecs}
         rule.update(p32, g.float(), state, c, flags, norm)
         for buffer, codec in codecs:
@@ -105,6 +107,7 @@ class Executor:
     def __init__(self) -> None:
         self._eager: dict[tuple, StepFn] = {}
         self._compiled: dict[tuple, Callable[..., None]] = {}
+        self._traced: set[tuple] = set()
         self._compile_failed = False
 
     def run(self, compiled: bool, config: StepConfig, items: list[StepItem], hp: dict[str, Tensor]) -> None:
@@ -133,9 +136,15 @@ class Executor:
 
     def _call_compiled(self, bucket_fn, eager: StepFn, chunk: list[StepItem], hp: dict[str, Tensor]) -> None:
         ps, gs, states = [i.p for i in chunk], [i.g for i in chunk], [i.state for i in chunk]
+        # what makes dynamo trace anew: the bucket size and size-1 (specialized) tensors
+        signature = (id(bucket_fn), len(ps), tuple(p.numel() == 1 for p in ps))
         try:
-            with _no_duck_shapes():
+            if signature in self._traced:
                 bucket_fn(ps, gs, states, hp)
+            else:  # the settings cost ~40 us to enter: only where a trace can happen
+                with _compile_settings():
+                    bucket_fn(ps, gs, states, hp)
+                self._traced.add(signature)
         except torch._dynamo.exc.BackendCompilerFailed as err:
             # compilation fails before anything runs: fall back for good, with one warning
             self._compile_failed = True
@@ -163,10 +172,17 @@ def _compile_buckets(step_fn: StepFn) -> Callable[..., None]:
     return torch.compile(fresh, dynamic=True, fullgraph=True)
 
 
-def _no_duck_shapes():
-    # equal sizes must not become one symbol: the next bucket's sizes would
-    # break that equality guard and recompile
-    return torch.fx.experimental._config.patch(use_duck_shape=False)
+@contextlib.contextmanager
+def _compile_settings() -> Iterator[None]:
+    # equal sizes must not become one symbol: the next bucket's sizes would break that
+    # equality guard and recompile. And inductor would fuse a bucket's parameters
+    # horizontally into one C++ kernel that it leaves single-threaded; one loop nest per
+    # parameter keeps every loop parallel. (Patched around each call, not passed as
+    # torch.compile options: with the FX graph cache on, those options are dropped.)
+    with torch.fx.experimental._config.patch(use_duck_shape=False), torch._inductor.config.patch(
+        {"cpp.max_horizontal_fusion_size": 1, "cpp.min_chunk_size": 1}
+    ):
+        yield
 
 
 #: process-wide: compiled graphs are shared by every optimizer instance

@@ -169,9 +169,15 @@ def test_policy_keeps_small_embedding_head_and_norm_state_fp32():
 )
 def test_policy_options_are_validated(option, value, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(".", r"\.")):
-        validate_policy({option: value})
+        validate_policy({option: value, "state_precision": "8bit"})
 
 
 def test_invalid_power_is_rejected():
     with pytest.raises(ValueError, match="Invalid power: 5"):
         CodeMap(True, 5)
+
+
+@pytest.mark.parametrize("option, value", [("min_8bit_size", 0), ("fp32_patterns", ["mlp"])])
+def test_policy_options_are_refused_where_they_would_be_ignored(option, value):
+    with pytest.raises(ValueError, match=f"{option}=.* only applies to quantized state"):
+        validate_policy({option: value, "state_precision": "fp32"})

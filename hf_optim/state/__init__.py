@@ -72,6 +72,18 @@ def validate_policy(group: Mapping[str, Any]) -> None:
     """Check a param group's ``min_8bit_size`` and ``fp32_patterns`` options."""
     size = group.get("min_8bit_size", MIN_8BIT_SIZE)
     patterns = group.get("fp32_patterns")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise ValueError(f"Invalid min_8bit_size: {size!r} (allowed: an int >= 0)")
+    if patterns is not None:
+        if isinstance(patterns, str) or not isinstance(patterns, Sequence):
+            raise ValueError(f"Invalid fp32_patterns: {patterns!r} (allowed: None or a list of regex strings)")
+        for pattern in patterns:
+            if not isinstance(pattern, str):
+                raise ValueError(f"Invalid fp32_patterns entry: {pattern!r} (allowed: regex strings)")
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ValueError(f"Invalid fp32_patterns entry: {pattern!r} is not a regex ({err})") from None
     if not isinstance(CODECS.get(group.get("state_precision", "fp32")), BlockwiseCodec):
         for key, value, default in (("min_8bit_size", size, MIN_8BIT_SIZE), ("fp32_patterns", patterns, None)):
             if value != default:  # never accept an option and ignore it
@@ -79,19 +91,6 @@ def validate_policy(group: Mapping[str, Any]) -> None:
                     f"{key}={value!r} only applies to quantized state; this group's state_precision is "
                     f"{group.get('state_precision')!r} (use state_precision='8bit' or drop {key})"
                 )
-    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
-        raise ValueError(f"Invalid min_8bit_size: {size!r} (allowed: an int >= 0)")
-    if patterns is None:
-        return
-    if isinstance(patterns, str) or not isinstance(patterns, Sequence):
-        raise ValueError(f"Invalid fp32_patterns: {patterns!r} (allowed: None or a list of regex strings)")
-    for pattern in patterns:
-        if not isinstance(pattern, str):
-            raise ValueError(f"Invalid fp32_patterns entry: {pattern!r} (allowed: regex strings)")
-        try:
-            re.compile(pattern)
-        except re.error as err:
-            raise ValueError(f"Invalid fp32_patterns entry: {pattern!r} is not a regex ({err})") from None
 
 
 __all__ = [
