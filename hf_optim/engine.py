@@ -18,7 +18,16 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from .execution import EXECUTOR, KAHAN_KEY, StepConfig, StepItem, compiler_available, local_norm
+from .execution import (
+    EXECUTOR,
+    KAHAN_KEY,
+    StepConfig,
+    StepItem,
+    compiler_available,
+    local_norm,
+    working_layout,
+    working_state,
+)
 from .rules.base import Buffer, UpdateRule
 from .state import CODECS, MIN_8BIT_SIZE, StateCodec, layout, validate_policy
 from .state.placement import PLACEMENTS, build_placement
@@ -216,7 +225,7 @@ class Optimizer(torch.optim.Optimizer):
                 key = (id(config), local.device)
                 if key not in buckets:
                     buckets[key], owners[key], configs[key] = [], [], config
-                buckets[key].append(_flat(local, grad, state))
+                buckets[key].append(_flat(local, grad, state, config.block))
                 owners[key].append(p)
             for key, items in buckets.items():
                 config, device = configs[key], key[1]
@@ -429,21 +438,20 @@ def _norm_for(p: Tensor) -> Any:
     return _ShardedNorm(tuple(mesh.get_group(dim) for dim in dims))
 
 
-def _flat(p: Tensor, g: Tensor, state: Mapping[str, Tensor]) -> StepItem:
-    """1-D views of a parameter, its gradient and its state, as the step function takes them.
+def _flat(p: Tensor, g: Tensor, state: Mapping[str, Tensor], block: int | None) -> StepItem:
+    """A parameter, its gradient and its state in the working layout the step takes.
 
-    Every tensor 1-D: one compiled graph serves all shapes (and inductor
-    parallelizes 1-D loops best). A non-contiguous parameter is stepped as a
-    contiguous copy and written back.
+    1-D, or (rows, block) for block-wise state (``execution.working_layout``).
+    A non-contiguous parameter is stepped as a contiguous copy and written back.
     """
-    flat_state = _flat_state(state)
+    shape = working_layout(p, block)
     if p.is_contiguous():
-        return StepItem(p.view(-1), g.reshape(-1), flat_state, None)
-    return StepItem(p.reshape(-1).clone(), g.reshape(-1), flat_state, p)
+        return StepItem(p.view(shape), g.reshape(shape), working_state(state, shape), None)
+    return StepItem(p.reshape(shape).clone(), g.reshape(shape), working_state(state, shape), p)
 
 
 def _flat_state(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """1-D views of every state tensor but the 0-d step, as codecs receive them."""
+    """1-D views of every state tensor but the 0-d step (codecs' layout for whole-tensor work)."""
     return {k: v if v.dim() == 1 or k == "step" else v.view(-1) for k, v in state.items()}
 
 

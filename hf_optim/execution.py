@@ -12,6 +12,7 @@ hyperparameters are 0-d tensors, so schedules never recompile.
 from __future__ import annotations
 
 import contextlib
+import math
 import types
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -82,9 +83,43 @@ class StepConfig(NamedTuple):
     norm: NormFn
 
     @property
+    def block(self) -> int | None:
+        """The block of a block-wise codec among the buffers', if any (see ``working_state``)."""
+        return next((codec.block for _, codec in self.codecs if codec.block), None)
+
+    @property
     def key(self) -> tuple:
         return (self.rule, tuple((b, c.name) for b, c in self.codecs), self.flags, self.param_dtype, self.kahan,
                 self.norm)
+
+
+def working_layout(p: Tensor, block: int | None) -> tuple[int, ...]:
+    """The shape a parameter is stepped in: (rows, block) when a block-wise codec's
+    blocks tile it exactly, else 1-D. Either way one compiled graph serves every size."""
+    numel = p.numel()
+    if block and numel >= block and numel % block == 0:
+        return (numel // block, block)
+    return (numel,)
+
+
+def working_state(state: Mapping[str, Tensor], shape: tuple[int, ...]) -> dict[str, Tensor]:
+    """Views of a parameter's state in its working layout, as codecs receive them.
+
+    The 0-d step stays; a buffer's elements take the parameter's working shape;
+    one-per-block tensors (block scales) become (rows, 1) in the (rows, block) layout.
+    """
+    numel = math.prod(shape)
+    out = {}
+    for key, value in state.items():
+        if key == "step":
+            out[key] = value
+        elif value.numel() == numel:
+            out[key] = value if value.shape == shape else value.view(shape)
+        elif len(shape) == 2 and value.numel() == shape[0]:
+            out[key] = value.view(shape[0], 1)
+        else:
+            out[key] = value if value.dim() == 1 else value.view(-1)
+    return out
 
 
 class StepItem(NamedTuple):
@@ -137,7 +172,7 @@ class Executor:
     def _call_compiled(self, bucket_fn, eager: StepFn, chunk: list[StepItem], hp: dict[str, Tensor]) -> None:
         ps, gs, states = [i.p for i in chunk], [i.g for i in chunk], [i.state for i in chunk]
         # what makes dynamo trace anew: the bucket size and size-1 (specialized) tensors
-        signature = (id(bucket_fn), len(ps), tuple(p.numel() == 1 for p in ps))
+        signature = (id(bucket_fn), tuple((p.dim(), p.numel() == 1) for p in ps))
         try:
             if signature in self._traced:
                 bucket_fn(ps, gs, states, hp)

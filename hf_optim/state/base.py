@@ -6,9 +6,12 @@ and the fp32 working value an update rule operates on. Codecs know nothing of
 any particular rule: they only see a buffer's name and its kind
 (``signed``/``unsigned``/``param``).
 
-All working values are 1-D, and ``decode``/``encode`` receive every stored
-tensor already flattened to 1-D by the engine: views taken inside the compiled
-step keep inductor from parallelizing the loop, so codecs take none on input.
+Working values are 1-D, or (rows, ``block``) matrices for a block-wise codec
+when the size allows (``execution.working_state``). ``decode``/``encode``
+receive every stored tensor already in that layout (a buffer's elements 1-D or
+(rows, block); one-per-block tensors 1-D or (rows, 1)): views taken inside the
+compiled step keep inductor from parallelizing the loop, so codecs take none on
+input.
 """
 
 from __future__ import annotations
@@ -24,6 +27,9 @@ from ..rules.base import Buffer
 class StateCodec:
     #: the name users pick it by (``state_precision="fp32"``)
     name: ClassVar[str]
+    #: elements per block for a block-wise codec: a parameter whose size is a multiple
+    #: of it is stepped as a (rows, block) matrix, so per-block reductions need no reshapes
+    block: ClassVar[int | None] = None
 
     def keys(self, buffer: Buffer) -> tuple[str, ...]:
         """State-dict keys this codec stores ``buffer`` under."""

@@ -107,6 +107,8 @@ class CodeMap:
 class BlockwiseCodec(StateCodec):
     """8-bit storage: ``<buffer>.codes`` (int8/uint8) and ``<buffer>.absmax`` (fp32, one per block)."""
 
+    block = BLOCK
+
     def __init__(self, name: str = "8bit", signed_power: int = 2, unsigned_power: int = 4) -> None:
         self.name = name  # type: ignore[misc]
         self.signed_map = CodeMap(True, signed_power)
@@ -132,6 +134,8 @@ class BlockwiseCodec(StateCodec):
         cmap = self.code_map(buffer)
         q = codes.float()
         level = cmap.level(q.abs()) * q.sign() if cmap.signed else cmap.level(q)
+        if codes.dim() == 2:  # (rows, BLOCK) working layout, absmax (rows, 1): one broadcast, no reshapes
+            return level * absmax
         # whole blocks as (blocks, BLOCK) times their scales, then the ragged tail by itself:
         # zero-padding the tail instead made inductor emit scalar, modulo-indexed loops (15x
         # slower), and an indexed load absmax[arange(numel) // BLOCK] lost the tail when fused
@@ -144,6 +148,9 @@ class BlockwiseCodec(StateCodec):
     def encode(self, value: Tensor, stored: MutableMapping[str, Tensor], buffer: Buffer) -> None:
         codes_key, absmax_key = self.keys(buffer)
         codes, absmax = stored[codes_key], stored[absmax_key]
+        if codes.dim() == 2:  # (rows, BLOCK) working layout
+            self._encode_part(value, codes, absmax, buffer)
+            return
         numel = value.numel()
         full = numel // BLOCK
         self._encode_part(value[: full * BLOCK].view(full, BLOCK), codes[: full * BLOCK], absmax[:full], buffer)
@@ -161,8 +168,8 @@ class BlockwiseCodec(StateCodec):
         c = cmap.nearest(a.clamp(0.0, 1.0))
         if cmap.signed:
             c = torch.where(value < 0, -c, c)
-        codes.copy_(c.view(-1))
-        absmax.copy_(block_max.view(-1))
+        codes.copy_(c.view(codes.shape))
+        absmax.copy_(block_max.view(absmax.shape))
 
     def nbytes(self, numel: int) -> int:
         return numel + 4 * math.ceil(numel / BLOCK)

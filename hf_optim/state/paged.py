@@ -51,6 +51,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..execution import working_state
+
 #: fraction of free memory the automatic budget lets states keep beside their parameters
 AUTO_FRACTION = 0.5
 #: pending device->host write-backs before the host waits (bounds device memory in use)
@@ -280,7 +282,7 @@ class PagedPlacement:
         for i, p in enumerate(params):
             if p not in self._paged and p not in self._resident:  # e.g. after a deepcopy: place, re-read
                 self.place(p, states[p])
-                items[i] = items[i]._replace(state=_flat(states[p]))
+                items[i] = items[i]._replace(state=working_state(states[p], tuple(items[i].p.shape)))
         paged = [i for i, p in enumerate(params) if p in self._paged]
         if not paged:
             step(items)
@@ -294,7 +296,7 @@ class PagedPlacement:
         for i in paged:
             param = params[i]
             (working,) = self.fetch([param], [states[param]])
-            step([items[i]._replace(state=working)])
+            step([items[i]._replace(state=working_state(working, tuple(items[i].p.shape)))])
             self.release([param], [states[param]])
 
     def fetch(self, params: Sequence[Tensor], states: Sequence[dict[str, Tensor]]) -> list[dict[str, Tensor]]:
