@@ -160,12 +160,14 @@ class BlockwiseCodec(StateCodec):
     def _encode_part(self, value: Tensor, codes: Tensor, absmax: Tensor, buffer: Buffer) -> None:
         """Quantize ``value`` (blocks, block size) into ``codes`` (flat) and ``absmax`` (blocks)."""
         cmap = self.code_map(buffer)
-        finite = value.isfinite()
-        magnitude = torch.where(finite, value.abs(), 0.0)
-        block_max = magnitude.amax(dim=1, keepdim=True)
-        # NaN -> 0, +-Inf -> +-1 (saturated); everything else lands in [0, 1]
-        a = torch.where(finite, magnitude / torch.where(block_max > 0, block_max, 1.0), value.isinf().to(value.dtype))
-        c = cmap.nearest(a.clamp(0.0, 1.0))
+        magnitude = value.abs()
+        # the scale is the largest *finite* magnitude (NaN and Inf fail `< inf`); comparisons and
+        # selects only, because isfinite/isinf compile to scalar loops on CPU
+        block_max = torch.where(magnitude < math.inf, magnitude, 0.0).amax(dim=1, keepdim=True)
+        a = magnitude / torch.where(block_max > 0, block_max, 1.0)
+        # +-Inf (and rounding just above 1) saturate to 1; NaN fails `>= 0` and becomes 0
+        a = torch.where(a >= 0.0, torch.where(a < 1.0, a, 1.0), 0.0)
+        c = cmap.nearest(a)
         if cmap.signed:
             c = torch.where(value < 0, -c, c)
         codes.copy_(c.view(codes.shape))
