@@ -25,6 +25,7 @@ from .execution import (
     StepItem,
     compiler_available,
     local_norm,
+    row_chunks,
     working_layout,
     working_state,
 )
@@ -225,7 +226,11 @@ class Optimizer(torch.optim.Optimizer):
                 key = (id(config), local.device)
                 if key not in buckets:
                     buckets[key], owners[key], configs[key] = [], [], config
-                buckets[key].append(_flat(local, grad, state, config.block))
+                item = _flat(local, grad, state, config.block)
+                if self.rule.elementwise and self._pager is None:
+                    buckets[key].extend(row_chunks(item))
+                else:
+                    buckets[key].append(item)
                 owners[key].append(p)
             for key, items in buckets.items():
                 config, device = configs[key], key[1]
@@ -445,6 +450,7 @@ def _flat(p: Tensor, g: Tensor, state: Mapping[str, Tensor], block: int | None) 
     A non-contiguous parameter is stepped as a contiguous copy and written back.
     """
     shape = working_layout(p, block)
+    p, g = p.detach(), g.detach()  # plain tensors: dynamo refuses row views of views of autograd leaves
     if p.is_contiguous():
         return StepItem(p.view(shape), g.reshape(shape), working_state(state, shape), None)
     return StepItem(p.reshape(shape).clone(), g.reshape(shape), working_state(state, shape), p)

@@ -122,6 +122,33 @@ def working_state(state: Mapping[str, Tensor], shape: tuple[int, ...]) -> dict[s
     return out
 
 
+#: rows (of a block-wise codec's 256) per compiled call when an elementwise rule steps a
+#: large parameter: the fused 8-bit step keeps fp32 temporaries, and at 2 MiB a chunk
+#: they stay in cache (8M-element tensors stepped whole ran ~2-4x slower per element)
+CHUNK_ROWS = 2048
+
+
+def row_chunks(item: StepItem, rows: int = 0) -> list[StepItem]:
+    """Split a (rows, block) working item into row chunks stepped as separate items.
+
+    Every chunk but the first gets a copy of the step counter taken before any
+    runs, so the parameter's counter advances exactly once.
+    """
+    rows = rows or CHUNK_ROWS
+    total = item.p.shape[0]
+    if item.p.dim() != 2 or total <= rows or item.writeback is not None:
+        return [item]
+    chunks = []
+    for index, start in enumerate(range(0, total, rows)):
+        end = min(start + rows, total)
+        state = {
+            key: (value if index == 0 else value.clone()) if key == "step" else value[start:end]
+            for key, value in item.state.items()
+        }
+        chunks.append(StepItem(item.p[start:end], item.g[start:end], state, None))
+    return chunks
+
+
 class StepItem(NamedTuple):
     """One parameter's flattened step inputs; ``writeback`` is the strided original, if any."""
 

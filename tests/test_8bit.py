@@ -248,3 +248,25 @@ def test_trainer_checkpoint_resumes_under_the_other_precision(tmp_path, saved, r
     assert trainer.state.global_step == 8 and all(s["step"] == 8 for s in optimizer.state.values())
     quantized = any("exp_avg.codes" in s for s in optimizer.state.values())
     assert quantized == (resumed == "adamw_8bit")  # the checkpoint was converted to this run's storage
+
+
+@pytest.mark.parametrize("name", ["adamw_8bit", "lion_8bit"])
+def test_row_chunked_step_equals_whole_step(monkeypatch, name):
+    """Large parameters of elementwise rules are stepped in row chunks: same numbers, one step count."""
+    from hf_optim import execution
+
+    def run(chunk_rows):
+        monkeypatch.setattr(execution, "CHUNK_ROWS", chunk_rows)
+        p = torch.randn(12, 256, generator=torch.Generator().manual_seed(0)).requires_grad_()
+        opt = hf_optim.create_optimizer(name, [p], lr=1e-4, min_8bit_size=0, execution="eager")
+        for step in range(3):
+            p.grad = torch.randn(12, 256, generator=torch.Generator().manual_seed(step + 1))
+            opt.step()
+        return p.detach().clone(), opt.state[p]
+
+    whole, whole_state = run(4096)
+    chunked, chunked_state = run(5)  # 3 chunks, the last one short
+    assert torch.equal(whole, chunked)
+    assert chunked_state["step"].item() == 3
+    for key, value in whole_state.items():
+        assert torch.equal(chunked_state[key], value), key

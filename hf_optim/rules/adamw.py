@@ -27,6 +27,7 @@ from .base import Buffer, NormFn, UpdateRule, check_betas, check_eps, check_lr, 
 
 
 class AdamW(UpdateRule):
+    elementwise = True
     name = "adamw"
     description = "Adam with decoupled weight decay: the default for transformers"
     defaults = {

@@ -37,6 +37,7 @@ from .base import Buffer, NormFn, UpdateRule, check_betas, check_eps, check_lr, 
 
 
 class Adan(UpdateRule):
+    elementwise = True
     name = "adan"
     description = "Adan: Nesterov-style momentum with gradient differences; three betas (old-value weights)"
     defaults = {"lr": 1e-3, "betas": (0.98, 0.92, 0.99), "eps": 1e-8, "weight_decay": 0.02}

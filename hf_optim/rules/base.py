@@ -61,6 +61,9 @@ class UpdateRule:
     #: before flattening) to ``flags``, so a rule can treat biases and norm
     #: weights (``ndim <= 1``) differently; one compiled graph per ndim
     wants_param_ndim: ClassVar[bool] = False
+    #: True when ``update`` is purely elementwise (no whole-tensor norm): the engine may
+    #: then step a large parameter in row chunks that keep the fused step's temporaries in cache
+    elementwise: ClassVar[bool] = False
 
     @classmethod
     def buffers(cls, flags: Mapping[str, Any]) -> tuple[Buffer, ...]:

@@ -33,6 +33,7 @@ LION_MIN_WEIGHT_DECAY = 0.03
 
 
 class Lion(UpdateRule):
+    elementwise = True
     name = "lion"
     description = "Lion: sign of interpolated momentum; one state buffer, lr 3-10x below AdamW's"
     defaults = {"lr": 1e-4, "betas": (0.9, 0.99), "weight_decay": 0.1}

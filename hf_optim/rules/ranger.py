@@ -47,6 +47,7 @@ from .base import (
 
 
 class Ranger(UpdateRule):
+    elementwise = True
     name = "ranger"
     description = "Ranger: RAdam + Lookahead (slow weights every k steps); little warmup needed"
     defaults = {"lr": 1e-3, "betas": (0.9, 0.99), "eps": 1e-6, "weight_decay": 0.0, "k": 6, "alpha": 0.5}

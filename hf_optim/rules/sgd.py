@@ -28,6 +28,7 @@ from .base import Buffer, NormFn, UpdateRule, check_flag, check_lr, check_non_ne
 
 
 class SGD(UpdateRule):
+    elementwise = True
     name = "sgd"
     description = "SGD with (Nesterov) momentum, as torch.optim.SGD; the CNN classic with a cosine schedule"
     defaults = {
