@@ -23,7 +23,17 @@ from typing import Any
 
 from torch import Tensor
 
-from .base import Buffer, NormFn, UpdateRule, check_betas, check_eps, check_lr, check_weight_decay
+from .base import (
+    Buffer,
+    NormFn,
+    UpdateRule,
+    check_betas,
+    check_eps,
+    check_lr,
+    check_weight_decay,
+    moment_coefficients,
+    update_moments,
+)
 
 
 class AdamW(UpdateRule):
@@ -57,10 +67,7 @@ class AdamW(UpdateRule):
         lr, beta1, beta2 = hp["lr"], hp["beta1"], hp["beta2"]
         return {
             "decay": 1 - lr * hp["weight_decay"],
-            "beta1": beta1,
-            "one_minus_beta1": 1 - beta1,
-            "beta2": beta2,
-            "one_minus_beta2": 1 - beta2,
+            **moment_coefficients(beta1, beta2),
             "step_size": lr / (1 - beta1**step),
             "inv_bias_correction2_sqrt": (1 - beta2**step).rsqrt(),
             "eps": hp["eps"],
@@ -79,8 +86,7 @@ class AdamW(UpdateRule):
             g = -g
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
         p.mul_(c["decay"])
-        exp_avg.mul_(c["beta1"]).add_(g * c["one_minus_beta1"])
-        exp_avg_sq.mul_(c["beta2"]).add_(g * g * c["one_minus_beta2"])
+        update_moments(g, exp_avg, exp_avg_sq, c)
         if flags["amsgrad"]:
             state["max_exp_avg_sq"].copy_(state["max_exp_avg_sq"].maximum(exp_avg_sq))
             exp_avg_sq = state["max_exp_avg_sq"]

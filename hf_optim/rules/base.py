@@ -161,6 +161,17 @@ def check_unit_interval(name: str, value: Any, *, closed: bool = True) -> None:
         raise ValueError(f"Invalid {name} value: {value} (expected a number in {interval})")
 
 
+def moment_coefficients(beta1: Tensor, beta2: Tensor) -> dict[str, Tensor]:
+    """The coefficients ``update_moments`` reads (part of a rule's ``coefficients``)."""
+    return {"beta1": beta1, "one_minus_beta1": 1 - beta1, "beta2": beta2, "one_minus_beta2": 1 - beta2}
+
+
+def update_moments(g: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, c: Mapping[str, Tensor]) -> None:
+    """Adam's two moments, in place: ``m <- b1 m + (1-b1) g``, ``v <- b2 v + (1-b2) g^2``."""
+    exp_avg.mul_(c["beta1"]).add_(g * c["one_minus_beta1"])
+    exp_avg_sq.mul_(c["beta2"]).add_(g * g * c["one_minus_beta2"])
+
+
 def global_mean_sqrt(x: Tensor, norm: NormFn) -> Tensor:
     """``sqrt(mean(x**2))`` over the whole parameter, shard-safe via ``norm``.
 

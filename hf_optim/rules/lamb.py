@@ -42,7 +42,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import Buffer, NormFn, UpdateRule, check_betas, check_eps, check_flag, check_lr, check_weight_decay
+from .base import (
+    Buffer,
+    NormFn,
+    UpdateRule,
+    check_betas,
+    check_eps,
+    check_flag,
+    check_lr,
+    check_weight_decay,
+    moment_coefficients,
+    update_moments,
+)
 
 
 def trust_ratio(numerator: Tensor, denominator: Tensor) -> Tensor:
@@ -86,10 +97,7 @@ class LAMB(UpdateRule):
         return {
             "lr": hp["lr"],
             "weight_decay": hp["weight_decay"],
-            "beta1": beta1,
-            "one_minus_beta1": 1 - beta1,
-            "beta2": beta2,
-            "one_minus_beta2": 1 - beta2,
+            **moment_coefficients(beta1, beta2),
             "inv_bias_correction1": 1 / (1 - beta1**step) if correct else one,
             "inv_bias_correction2_sqrt": (1 - beta2**step).rsqrt() if correct else one,
             "eps": hp["eps"],
@@ -105,8 +113,7 @@ class LAMB(UpdateRule):
         norm: NormFn,
     ) -> None:
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-        exp_avg.mul_(c["beta1"]).add_(g * c["one_minus_beta1"])
-        exp_avg_sq.mul_(c["beta2"]).add_(g * g * c["one_minus_beta2"])
+        update_moments(g, exp_avg, exp_avg_sq, c)
         r = exp_avg * c["inv_bias_correction1"] / (exp_avg_sq.sqrt() * c["inv_bias_correction2_sqrt"] + c["eps"])
         if flags["exclude_bias_and_norm"] and flags["param_ndim"] <= 1:
             p.sub_(r * c["lr"])

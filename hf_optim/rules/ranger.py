@@ -43,6 +43,8 @@ from .base import (
     check_lr,
     check_unit_interval,
     check_weight_decay,
+    moment_coefficients,
+    update_moments,
 )
 
 
@@ -78,10 +80,7 @@ class Ranger(UpdateRule):
         return {
             "lr": lr,
             "decay": 1 - lr * hp["weight_decay"],
-            "beta1": beta1,
-            "one_minus_beta1": 1 - beta1,
-            "beta2": beta2,
-            "one_minus_beta2": 1 - beta2,
+            **moment_coefficients(beta1, beta2),
             "inv_bias_correction1": 1 / (1 - beta1**step),
             "inv_bias_correction2_sqrt": bias_correction2.rsqrt(),
             "rectify": rectify.float(),
@@ -102,8 +101,7 @@ class Ranger(UpdateRule):
     ) -> None:
         exp_avg, exp_avg_sq, slow = state["exp_avg"], state["exp_avg_sq"], state["slow_param"]
         p.mul_(c["decay"])
-        exp_avg.mul_(c["beta1"]).add_(g * c["one_minus_beta1"])
-        exp_avg_sq.mul_(c["beta2"]).add_(g * g * c["one_minus_beta2"])
+        update_moments(g, exp_avg, exp_avg_sq, c)
         m_hat = exp_avg * c["inv_bias_correction1"]
         adaptive = m_hat * c["rect"] / (exp_avg_sq.sqrt() * c["inv_bias_correction2_sqrt"] + c["eps"])
         p.sub_(torch.where(c["rectify"] > 0, adaptive, m_hat) * c["lr"])

@@ -38,6 +38,8 @@ from .base import (
     check_lr,
     check_weight_decay,
     global_mean_sqrt,
+    moment_coefficients,
+    update_moments,
 )
 
 
@@ -63,10 +65,7 @@ class StableAdamW(UpdateRule):
         return {
             "lr": hp["lr"],
             "weight_decay": hp["weight_decay"],
-            "beta1": beta1,
-            "one_minus_beta1": 1 - beta1,
-            "beta2": beta2,
-            "one_minus_beta2": 1 - beta2,
+            **moment_coefficients(beta1, beta2),
             "inv_bias_correction1": 1 / (1 - beta1**step),
             "inv_bias_correction2": 1 / (1 - beta2**step),
             "inv_bias_correction2_sqrt": (1 - beta2**step).rsqrt(),
@@ -84,8 +83,7 @@ class StableAdamW(UpdateRule):
         norm: NormFn,
     ) -> None:
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-        exp_avg.mul_(c["beta1"]).add_(g * c["one_minus_beta1"])
-        exp_avg_sq.mul_(c["beta2"]).add_(g * g * c["one_minus_beta2"])
+        update_moments(g, exp_avg, exp_avg_sq, c)
         v_hat = exp_avg_sq * c["inv_bias_correction2"]
         rms = global_mean_sqrt(g * v_hat.maximum(c["eps_sq"]).rsqrt(), norm)
         lr = c["lr"] / rms.clamp(min=1.0)
