@@ -16,10 +16,7 @@ a factory whose peer package is missing is skipped with a note.
 from __future__ import annotations
 
 import argparse
-import random
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import hf_optim
 
 Factory = Callable[[list[torch.Tensor]], torch.optim.Optimizer]
-BASELINE = "torch AdamW fused"
+from hf_optim.bench import BASELINE, measure  # noqa: E402  (the interleaved timing loop, shared with `hf-optim bench`)
 
 
 def _optimi(name: str) -> Factory:
@@ -105,43 +102,15 @@ def make_shapes(numel: int, tensors: int) -> list[tuple[int, ...]]:
     return [(rows, 256)] * tensors
 
 
-def measure(names: list[str], shapes: list[tuple[int, ...]], steps: int, warmup: int, seed: int = 0) -> dict:
-    gen = torch.Generator().manual_seed(seed)
-    runs = {}
-    for name in names:
-        params = [torch.randn(s, generator=gen).requires_grad_() for s in shapes]
-        for p in params:
-            p.grad = torch.randn(p.shape, generator=gen) * 1e-2
-        try:
-            t0 = time.perf_counter()
-            opt = CANDIDATES[name](params)
-            for _ in range(warmup):
-                opt.step()
-            runs[name] = {"opt": opt, "times": [], "warmup_s": time.perf_counter() - t0}
-        except ImportError as err:
-            print(f"  skip {name}: {err}")
-    order = list(runs)
-    rng = random.Random(seed)
-    for _ in range(steps):
-        rng.shuffle(order)
-        for name in order:
-            t0 = time.perf_counter()
-            runs[name]["opt"].step()
-            runs[name]["times"].append(time.perf_counter() - t0)
-    return runs
-
-
-def report(runs: dict, title: str) -> list[dict]:
-    base = statistics.median(runs[BASELINE]["times"]) if BASELINE in runs else None
+def report(rows: list[dict], title: str) -> None:
     print(f"\n{title}")
     print(f"  {'candidate':34s} {'median ms':>10s} {'x fused':>8s} {'warm-up s':>10s}")
-    rows = []
-    for name, run in runs.items():
-        med = statistics.median(run["times"])
-        ratio = med / base if base else float("nan")
-        rows.append({"candidate": name, "median_ms": med * 1e3, "ratio": ratio, "warmup_s": run["warmup_s"]})
-        print(f"  {name:34s} {med * 1e3:10.2f} {ratio:8.2f} {run['warmup_s']:10.1f}")
-    return rows
+    for row in rows:
+        if row["median_ms"] is None:
+            print(f"  {row['candidate']:34s} {row['note']}")
+        else:
+            ratio = row["x_fused"] if row["x_fused"] is not None else float("nan")
+            print(f"  {row['candidate']:34s} {row['median_ms']:10.2f} {ratio:8.2f} {row['warmup_s']:10.1f}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,9 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         for tensors in args.tensors:
             shapes = make_shapes(numel, tensors)
             total = sum(r * c for r, c in shapes)
-            runs = measure(names, shapes, args.steps, args.warmup)
-            report(runs, f"{total / 1e6:.1f}M params in {tensors} tensors")
-            del runs
+            rows = measure({n: CANDIDATES[n] for n in names}, shapes, args.steps, args.warmup, progress=False)
+            report(rows, f"{total / 1e6:.1f}M params in {tensors} tensors")
     return 0
 
 

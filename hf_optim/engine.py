@@ -110,7 +110,8 @@ class Optimizer(torch.optim.Optimizer):
         self.placement = placement
         # paged placement (hf_optim.state.paged): None for "device"; paged_* only with "paged"
         self._pager = build_placement(placement, paged_budget=paged_budget, paged_dir=paged_dir)
-        self._configs: dict[tuple, StepConfig] = {}
+        self._configs: dict[tuple, StepConfig] = {}  # per parameter and group setting
+        self._interned: dict[StepConfig, StepConfig] = {}  # one object per distinct configuration
         super().__init__(params, defaults)
         if execution == "compiled" and not compiler_available():
             warnings.warn("hf_optim: no C++ compiler or GPU found; the compiled step runs eagerly.", stacklevel=2)
@@ -170,6 +171,7 @@ class Optimizer(torch.optim.Optimizer):
         self.__dict__.setdefault("placement", "device")
         self.__dict__.setdefault("_pager", None)
         self.__dict__["_configs"] = {}  # keyed by id(param): never carried over
+        self.__dict__["_interned"] = {}
         self.__dict__.setdefault("_compiled", False)
         for group in self.param_groups:  # back-fill options added after a checkpoint was pickled
             for key, value in {**self.rule.defaults, **ENGINE_DEFAULTS}.items():
@@ -255,7 +257,7 @@ class Optimizer(torch.optim.Optimizer):
             layout = self._layout(p, name, group)
             config = StepConfig(self.rule, layout, tuple(flags.items()), p.dtype, self._kahan(p, group), _norm_for(p))
             # one object per distinct configuration, so buckets can key on its id
-            config = self._configs[cache_key] = self._configs.setdefault(config, config)
+            config = self._configs[cache_key] = self._interned.setdefault(config, config)
         return config
 
     def paging_stats(self) -> dict[str, float]:
