@@ -63,6 +63,11 @@ CANDIDATES: dict[str, Factory] = {
     "hf_optim lion_8bit compiled": lambda ps: _hf_optim("Lion")(
         ps, lr=1e-4, state_precision="8bit", execution="compiled"
     ),
+    "hf_optim adamw native": lambda ps: hf_optim.AdamW(ps, lr=1e-3, execution="native"),
+    "hf_optim adamw_8bit native": lambda ps: hf_optim.AdamW(ps, lr=1e-3, state_precision="8bit", execution="native"),
+    "hf_optim lion_8bit native": lambda ps: _hf_optim("Lion")(
+        ps, lr=1e-4, state_precision="8bit", execution="native"
+    ),
     "bnb AdamW8bit": lambda ps: _peer("bitsandbytes.optim", "AdamW8bit")(ps, lr=1e-3),
     "bnb Lion8bit": lambda ps: _peer("bitsandbytes.optim", "Lion8bit")(ps, lr=1e-4),
     "torchao AdamW8bit": lambda ps: _peer("torchao.optim", "AdamW8bit")(ps, lr=1e-3),
@@ -71,6 +76,7 @@ CANDIDATES: dict[str, Factory] = {
 # issue 4 rules: ours compiled against each rule's peers (same hyperparameters; peers at their fastest CPU path)
 CANDIDATES.update({
     "hf_optim lion compiled": lambda ps: hf_optim.Lion(ps, lr=1e-4, weight_decay=0.1, execution="compiled"),
+    "hf_optim lion native": lambda ps: hf_optim.Lion(ps, lr=1e-4, weight_decay=0.1, execution="native"),
     "lion_pytorch Lion": lambda ps: _peer("lion_pytorch", "Lion")(ps, lr=1e-4, weight_decay=0.1),
     "optimi Lion": lambda ps: _peer("optimi", "Lion")(ps, lr=1e-4, weight_decay=0.1, foreach=True),
     "hf_optim lamb compiled": lambda ps: hf_optim.LAMB(ps, lr=1e-3, weight_decay=0.01, execution="compiled"),

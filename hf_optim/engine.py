@@ -3,7 +3,7 @@
 An hf_optim optimizer is update rule x state storage x placement x execution.
 This module owns the parts every rule shares: param groups and their
 validation, lazy state, per-step 0-d hyperparameter tensors, dispatch to the
-eager or compiled step (``hf_optim.execution``), and a state dict of plain
+eager, compiled or native step (``hf_optim.execution``), and a state dict of plain
 tensors that loads across storages. Rules (``hf_optim.rules``) only do math;
 codecs (``hf_optim.state``) only store.
 """
@@ -25,10 +25,10 @@ from .execution import (
     StepItem,
     compiler_available,
     local_norm,
-    row_chunks,
     working_layout,
     working_state,
 )
+from .kernels import native
 from .rules.base import Buffer, UpdateRule
 from .state import CODECS, MIN_8BIT_SIZE, StateCodec, layout, validate_policy
 from .state.placement import PLACEMENTS, build_placement
@@ -46,7 +46,7 @@ ENGINE_DEFAULTS: dict[str, Any] = {
 }
 #: options that choose how state is stored, not the math: on load, the loading optimizer's win
 STORAGE_OPTIONS = ("state_precision", "min_8bit_size", "fp32_patterns")
-EXECUTIONS = ("auto", "eager", "compiled")
+EXECUTIONS = ("auto", "eager", "compiled", "native")
 #: ``execution="auto"`` compiles once the model is big enough to repay compile time
 AUTO_COMPILE_MIN_NUMEL = 1 << 20
 
@@ -57,8 +57,10 @@ class Optimizer(torch.optim.Optimizer):
     Args:
         params: tensors, ``(name, tensor)`` pairs or param-group dicts, as torch.optim takes.
         execution: ``"eager"`` (reference), ``"compiled"`` (torch.compile, one fused
-            kernel per parameter) or ``"auto"`` (compiled for models of 1M+ elements
-            when a compiler is present).
+            kernel per parameter), ``"native"`` (the hand-written CPU kernel of
+            ``hf_optim.kernels``: AdamW and Lion, fp32 or 8-bit state, fp32 or bf16
+            parameters) or ``"auto"``: native where it applies, else compiled for
+            models of 1M+ elements when a compiler is present, else eager.
         placement: where state lives between steps: ``"device"`` (beside the parameter)
             or another registered placement (``"paged"``).
         paged_budget: with ``placement="paged"``: bytes of state kept beside the parameters
@@ -115,10 +117,17 @@ class Optimizer(torch.optim.Optimizer):
         super().__init__(params, defaults)
         if execution == "compiled" and not compiler_available():
             warnings.warn("hf_optim: no C++ compiler or GPU found; the compiled step runs eagerly.", stacklevel=2)
+        if execution == "native":
+            why = native.KERNELS.get(self.rule.name) is None and f"no native kernel for {self.rule.name}"
+            why = why or native.library_error()
+            if why:
+                raise ValueError(f"Invalid execution: 'native' for {cls_name}: {why} "
+                                 f"(native kernels: {', '.join(native.KERNELS)}; or use 'auto' or 'compiled')")
         total = sum(p.numel() for g in self.param_groups for p in g["params"])
         self._compiled = execution == "compiled" or (
             execution == "auto" and total >= AUTO_COMPILE_MIN_NUMEL and compiler_available()
         )
+        self._modes: dict[tuple, str] = {}  # (id(config), device) -> how that bucket steps
 
     # --- param groups -----------------------------------------------------------------
 
@@ -172,6 +181,7 @@ class Optimizer(torch.optim.Optimizer):
         self.__dict__.setdefault("_pager", None)
         self.__dict__["_configs"] = {}  # keyed by id(param): never carried over
         self.__dict__["_interned"] = {}
+        self.__dict__["_modes"] = {}
         self.__dict__.setdefault("_compiled", False)
         for group in self.param_groups:  # back-fill options added after a checkpoint was pickled
             for key, value in {**self.rule.defaults, **ENGINE_DEFAULTS}.items():
@@ -228,23 +238,43 @@ class Optimizer(torch.optim.Optimizer):
                 key = (id(config), local.device)
                 if key not in buckets:
                     buckets[key], owners[key], configs[key] = [], [], config
-                item = _flat(local, grad, state, config.block)
-                if self.rule.elementwise and self._pager is None:
-                    buckets[key].extend(row_chunks(item))
+                if self._mode(config, local.device) == "native" and local.is_contiguous():
+                    # the kernel reads raw storage: no working-layout views to build
+                    buckets[key].append(StepItem(local.detach(), grad.detach(), state, None))
                 else:
-                    buckets[key].append(item)
+                    buckets[key].append(_flat(local, grad, state, config.block))
                 owners[key].append(p)
             for key, items in buckets.items():
                 config, device = configs[key], key[1]
                 hp = _as_tensors(scalars, device)
+                mode = self._mode(config, device)  # (cached)
                 if self._pager is None:
-                    EXECUTOR.run(self._compiled, config, items, hp)
+                    EXECUTOR.run(mode, config, items, hp)
                 else:  # paged placement: each paged state fetched to the device around its update
-                    run = lambda chunk, c=config, hp=hp: EXECUTOR.run(self._compiled, c, chunk, hp)  # noqa: E731
+                    run = lambda chunk, c=config, hp=hp, m=mode: EXECUTOR.run(m, c, chunk, hp)  # noqa: E731
                     self._pager.run(owners[key], items, run, self.state)
         if self._pager is not None:
             self._pager.end_step()
         return loss
+
+    def _mode(self, config: StepConfig, device: torch.device) -> str:
+        """How one bucket steps under ``self.execution`` (cached per configuration and device)."""
+        key = (id(config), device)
+        mode = self._modes.get(key)
+        if mode is None:
+            if self.execution in ("eager", "compiled"):
+                mode = self.execution
+            else:
+                why = native.unsupported(config.rule, config.codecs, dict(config.flags), config.param_dtype, device)
+                if why is None:
+                    mode = "native"
+                elif self.execution == "native":
+                    raise ValueError(f"Invalid execution: 'native' for {type(self).__name__}: {why} "
+                                     "(use 'auto' to fall back to the compiled step where native does not apply)")
+                else:
+                    mode = "compiled" if self._compiled else "eager"
+            self._modes[key] = mode
+        return mode
 
     def _config(self, p: Tensor, name: str | None, group: Mapping[str, Any]) -> StepConfig:
         """The step configuration of one parameter (cached: computed once per group setting)."""

@@ -1,4 +1,4 @@
-"""Execution: one per-parameter step function, run eagerly or compiled.
+"""Execution: one per-parameter step function, run eagerly, compiled or natively.
 
 ``make_step`` closes over one configuration (rule, per-buffer codecs, flags,
 parameter dtype) and returns a function of tensors only. The eager path calls
@@ -7,6 +7,10 @@ it as is; the compiled path hands the very same function to ``torch.compile``
 encode into one pass over the parameter. Parameters arrive flattened to 1-D
 and compilation uses dynamic shapes, so one graph serves every tensor size;
 hyperparameters are 0-d tensors, so schedules never recompile.
+
+The native path (``hf_optim.kernels``, CPU only, for the rules it covers)
+takes the rule's coefficients from the same ``coefficients`` and does the
+elementwise part in a hand-written kernel, one call per bucket.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from .kernels import native
 from .rules.base import Buffer, NormFn, UpdateRule
 from .state.base import StateCodec
 
@@ -163,8 +168,12 @@ class StepItem(NamedTuple):
 BUCKET_SIZES = (8, 4, 2, 1)
 
 
+#: how a bucket is stepped (``Optimizer(execution=...)`` picks one per bucket)
+MODES = ("eager", "compiled", "native")
+
+
 class Executor:
-    """Runs buckets of parameter steps, eagerly or through cached compiled graphs."""
+    """Runs buckets of parameter steps: eagerly, through cached compiled graphs, or natively."""
 
     def __init__(self) -> None:
         self._eager: dict[tuple, StepFn] = {}
@@ -172,14 +181,18 @@ class Executor:
         self._traced: set[tuple] = set()
         self._compile_failed = False
 
-    def run(self, compiled: bool, config: StepConfig, items: list[StepItem], hp: dict[str, Tensor]) -> None:
+    def run(self, mode: str, config: StepConfig, items: list[StepItem], hp: dict[str, Tensor]) -> None:
         key = config.key
         eager = self._eager.get(key)
         if eager is None:
             eager = self._eager[key] = make_step(
                 config.rule, config.codecs, dict(config.flags), config.param_dtype, config.kahan, config.norm
             )
-        if compiled and not self._compile_failed:
+        if mode == "native":
+            _run_native(config, items, hp, eager)
+        elif mode == "compiled" and not self._compile_failed:
+            if config.rule.elementwise:
+                items = [chunk for item in items for chunk in row_chunks(item)]
             bucket_fn = self._compiled.get(key)
             if bucket_fn is None:
                 bucket_fn = self._compiled[key] = _compile_buckets(eager)
@@ -192,7 +205,7 @@ class Executor:
         else:
             for item in items:
                 eager(item.p, item.g, item.state, hp)
-        for item in items:
+        for item in items:  # (row chunks never have a writeback)
             if item.writeback is not None:
                 item.writeback.copy_(item.p.view_as(item.writeback))
 
@@ -218,6 +231,44 @@ class Executor:
             )
             for p, g, state in zip(ps, gs, states):
                 eager(p, g, state, hp)
+
+
+def _run_native(config: StepConfig, items: list[StepItem], hp: dict[str, Tensor], eager: StepFn) -> None:
+    """One kernel call per distinct step count (usually one): the coefficients depend on it."""
+    flags = dict(config.flags)
+    kernel = native.KERNELS[config.rule.name]
+    odd = [item for item in items if item.g.dtype != item.p.dtype]  # e.g. fp32 grads of bf16 params
+    for item in odd:
+        eager(item.p, item.g, item.state, hp)
+    items = [item for item in items if item.g.dtype == item.p.dtype]
+    if not items:
+        return
+    steps = [item.state["step"] for item in items]
+    torch._foreach_add_(steps, 1)
+    by_step: dict[float, list[StepItem]] = {}
+    for item, value in zip(items, torch.stack(steps).tolist()):
+        by_step.setdefault(value, []).append(item)
+    storage = [native.storage_code(buffer, codec) for buffer, codec in config.codecs]
+    keys = [key for buffer, codec in config.codecs for key in codec.keys(buffer)]
+    for group in by_step.values():
+        c = config.rule.coefficients(hp, group[0].state["step"], flags)
+        if tuple(c) != kernel.coefficients:
+            raise RuntimeError(f"{config.rule.name}.coefficients returns {tuple(c)}, the native kernel reads "
+                               f"{kernel.coefficients}: update hf_optim/kernels together with the rule")
+        params = [item.p for item in group]
+        # the operator's body, without its per-tensor dispatch (~8 us a tensor); parameters are
+        # still version-bumped, as in-place ops would, so autograd sees they changed
+        native.step(
+            params,
+            [item.g.contiguous() for item in group],
+            [item.state[key] for item in group for key in keys],
+            [item.state[KAHAN_KEY] for item in group] if config.kahan else [],
+            torch.stack(list(c.values())),
+            config.rule.name,
+            storage,
+            native.flag_bits(config.rule, flags, config.kahan),
+        )
+        torch.autograd.graph.increment_version(params)
 
 
 def _compile_buckets(step_fn: StepFn) -> Callable[..., None]:

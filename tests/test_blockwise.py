@@ -24,12 +24,12 @@ def roundtrip(codec, buffer, x):
 
 
 def brute_force_codes(codec: BlockwiseCodec, buffer: Buffer, x: Tensor, absmax: Tensor) -> Tensor:
-    """Nearest level to x / block absmax by exhaustive search over the whole table."""
+    """Nearest level to x * (1 / block absmax) by exhaustive search over the whole table."""
     cmap = codec.code_map(buffer)
     table = cmap.table()
     codes = torch.arange(-cmap.levels, cmap.levels + 1) if cmap.signed else torch.arange(0, cmap.levels + 1)
     scale = absmax.repeat_interleave(BLOCK)[: x.numel()]
-    normalized = torch.where(scale > 0, x.abs() / torch.where(scale > 0, scale, 1.0), 0.0) * x.sign()
+    normalized = torch.where(scale > 0, x.abs() * torch.where(scale > 0, scale, 1.0).reciprocal(), 0.0) * x.sign()
     distance = (normalized[:, None] - table[None, :]).abs()
     best = distance.min(dim=1, keepdim=True).values
     return codes, distance == best  # every nearest code (ties allowed)

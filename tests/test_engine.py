@@ -26,7 +26,7 @@ BAD_INPUTS = [
     ({"betas": (0.9,)}, ValueError, "Invalid betas"),
     ({"weight_decay": -0.1}, ValueError, "Invalid weight_decay value: -0.1"),
     ({"state_precision": "int3"}, ValueError, "Invalid state_precision: 'int3' \\(allowed: .*fp32"),
-    ({"execution": "jit"}, ValueError, "Invalid execution: 'jit' \\(allowed: auto, eager, compiled\\)"),
+    ({"execution": "jit"}, ValueError, "Invalid execution: 'jit' \\(allowed: auto, eager, compiled, native\\)"),
     ({"placement": "moon"}, ValueError, "Invalid placement: 'moon'"),
     ({"foreach": True}, TypeError, "unexpected keyword argument.*'foreach'.*valid: .*lr"),
     ({"fused": True}, TypeError, "'fused'"),

@@ -7,13 +7,18 @@ is divided by its absolute maximum and the result, in [-1, 1], is stored as
 the nearest of 255 signed (first moments, ``int8``) or 256 unsigned (second
 moments, ``uint8``) code levels.
 
-The code map is closed-form companding: level(c) = sign(c) * (|c| / N) ** k,
+The code map is closed-form companding: level(c) = sign(c) * |c| ** k / N ** k,
 with N = 127 and k = 2 (square) for signed buffers, N = 255 and k = 4 (fourth
-power) for unsigned ones. Encoding needs no table search: ``c0 = floor(N *
-|x| ** (1/k))`` and one comparison against the midpoint of levels c0 and
-c0 + 1 gives exactly the nearest level, so the compiled step is pure
-arithmetic that inductor fuses with the update rule. The code map is a
-function of the codec, never stored per parameter.
+power) for unsigned ones; in fp32, ``|c| ** k`` by exact integer products
+times ``1 / N ** k`` (rounded so the top level is exactly 1). Encoding needs
+no table search: a block's values are multiplied by its reciprocal scale, a
+guess ``g = floor(N * a ** (1/k) * (1 - 2**-12))`` is never above the code
+below ``a`` and at most one under it, and two midpoint tests (g vs g + 1,
+g + 1 vs g + 2) give exactly the nearest level, ties going down. The compiled
+step is pure arithmetic that inductor fuses with the update rule, and the
+native CPU kernel (``hf_optim.kernels``) computes the same codes with a
+bit-level root guess instead of ``sqrt``. The code map is a function of the
+codec, never stored per parameter.
 
 Chosen by measurement (``python benchmarks/state_memory.py --maps``): randn
 round trip of 1024x1024 in blocks of 256 (signed map), and AdamW 8-bit vs
@@ -61,8 +66,12 @@ CODES_SUFFIX = ".codes"
 ABSMAX_SUFFIX = ".absmax"
 
 
+#: the root guess is scaled down by this so it never lands above the code below ``a``
+GUESS_BIAS = 1.0 - 2.0**-12
+
+
 class CodeMap:
-    """``level(c) = sign(c) * (|c| / levels) ** power`` for integer codes c."""
+    """``level(c) = sign(c) * |c| ** power / levels ** power`` for integer codes c."""
 
     def __init__(self, signed: bool, power: int) -> None:
         if power not in (1, 2, 3, 4):
@@ -71,14 +80,21 @@ class CodeMap:
         self.power = power
         self.levels = 127 if signed else 255
         self.dtype = torch.int8 if signed else torch.uint8
+        self.scale = _unit_scale(self._power(torch.tensor(float(self.levels))))
+
+    def _power(self, c: Tensor) -> Tensor:
+        """``c ** power`` by products, exact for integral c up to 255 but for c**4's last rounding."""
+        if self.power == 4:
+            square = c * c
+            return square * square
+        out = c
+        for _ in range(self.power - 1):
+            out = out * c
+        return out
 
     def level(self, magnitude_code: Tensor) -> Tensor:
-        """|level| for non-negative fp32 code magnitudes (by repeated products: exact, no pow)."""
-        t = magnitude_code / self.levels
-        out = t
-        for _ in range(self.power - 1):
-            out = out * t
-        return out
+        """|level| for non-negative fp32 code magnitudes."""
+        return self._power(magnitude_code) * self.scale
 
     def root(self, a: Tensor) -> Tensor:
         if self.power == 1:
@@ -91,10 +107,12 @@ class CodeMap:
 
     def nearest(self, a: Tensor) -> Tensor:
         """The code magnitude (fp32, integral) nearest to ``a`` in [0, 1]; ties go down."""
-        c0 = (self.root(a) * self.levels).floor().clamp(0, self.levels - 1)
-        lo, hi = self.level(c0), self.level(c0 + 1)
-        # the root is only approximate near a level: the midpoint test fixes the choice exactly
-        return c0 + ((a - lo) > (hi - a)).to(a.dtype)
+        # g is the code just below a or the one under it (the bias beats the root's rounding),
+        # so the nearest is g, g + 1 or g + 2: two midpoint tests decide exactly
+        g = (self.root(a) * (self.levels * GUESS_BIAS)).floor().clamp(0, self.levels - 1)
+        l0, l1, l2 = self.level(g), self.level(g + 1), self.level(g + 2)
+        c = torch.where((a - l0) > (l1 - a), g + 1, g)
+        return torch.where((a - l1) > (l2 - a), g + 2, c)
 
     def table(self) -> Tensor:
         """Every level, in code order (for tests and interop)."""
@@ -102,6 +120,16 @@ class CodeMap:
             codes = torch.arange(-self.levels, self.levels + 1, dtype=torch.float32)
             return codes.sign() * self.level(codes.abs())
         return self.level(torch.arange(0, self.levels + 1, dtype=torch.float32))
+
+
+def _unit_scale(top: Tensor) -> float:
+    """fp32 ``1 / top``, or a neighbour of it for which ``top * scale`` is exactly 1 (the top
+    level), where one exists (it does for the square and fourth-power maps)."""
+    scale = torch.ones(()).div(top)
+    for candidate in (scale, torch.nextafter(scale, torch.tensor(1.0)), torch.nextafter(scale, torch.tensor(0.0))):
+        if (top * candidate).item() == 1.0:
+            return candidate.item()
+    return scale.item()
 
 
 class BlockwiseCodec(StateCodec):
@@ -164,7 +192,8 @@ class BlockwiseCodec(StateCodec):
         # the scale is the largest *finite* magnitude (NaN and Inf fail `< inf`); comparisons and
         # selects only, because isfinite/isinf compile to scalar loops on CPU
         block_max = torch.where(magnitude < math.inf, magnitude, 0.0).amax(dim=1, keepdim=True)
-        a = magnitude / torch.where(block_max > 0, block_max, 1.0)
+        # one division per block, then products (the native kernel normalizes the same way)
+        a = magnitude * torch.where(block_max > 0, block_max, 1.0).reciprocal()
         # +-Inf (and rounding just above 1) saturate to 1; NaN fails `>= 0` and becomes 0
         a = torch.where(a >= 0.0, torch.where(a < 1.0, a, 1.0), 0.0)
         c = cmap.nearest(a)

@@ -1,0 +1,221 @@
+"""The native CPU step: ``cpu_step.c`` built once with the system C compiler, run through torch.library.
+
+``execution="native"`` (and ``"auto"`` on CPU, where it applies) steps a bucket
+of parameters with one call into ``cpu_step.c``: decode -> rule -> encode per
+block of 256 elements, all blocks of all parameters in one OpenMP loop. The
+kernel covers the rules and storages listed in ``KERNELS`` / ``STORAGES``
+(fp32 or bf16 parameters); anything else runs compiled or eagerly, as before.
+
+The shared library is built on first use with ``-O3 -march=native`` (about a
+second) and cached under ``$HF_OPTIM_CACHE`` (default ``~/.cache/hf_optim``)
+by a hash of the source, flags and compiler, so it matches the machine it runs
+on. It is loaded with ctypes and reached through the custom operator
+``torch.ops.hf_optim.cpu_step`` (with a fake implementation, so a compiled
+graph can hold it); it links the OpenMP runtime torch already loaded.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ..rules.base import Buffer, UpdateRule
+from ..state.base import StateCodec
+from ..state.blockwise import BlockwiseCodec
+from ..state.dense import DenseCodec
+
+SOURCE = Path(__file__).with_name("cpu_step.c")
+#: -ffp-contract=off: no fused multiply-adds, so each operation rounds as torch's does
+FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fopenmp",
+         "-shared", "-fPIC")
+#: x86: 512-bit vectors where the CPU has them (gcc defaults to 256 even on AVX-512 parts)
+X86_FLAGS = ("-mprefer-vector-width=512",)
+
+
+class NativeKernel:
+    """A rule's kernel in ``cpu_step.c``: its index there and its coefficient names in order."""
+
+    def __init__(self, index: int, coefficients: tuple[str, ...], flags: Mapping[str, int]) -> None:
+        self.index = index
+        self.coefficients = coefficients
+        self.flags = flags  # rule flag name -> bit
+
+
+#: rule name -> kernel (the C side documents the same orders)
+KERNELS: dict[str, NativeKernel] = {
+    "adamw": NativeKernel(
+        0,
+        ("decay", "beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "step_size", "inv_bias_correction2_sqrt",
+         "eps"),
+        {"maximize": 1, "amsgrad": 2},
+    ),
+    "lion": NativeKernel(1, ("lr", "decay", "beta1", "one_minus_beta1", "beta2", "one_minus_beta2"), {}),
+}
+_KAHAN_FLAG = 4
+_STORE_FP32, _STORE_SIGNED_8BIT, _STORE_UNSIGNED_8BIT = 0, 1, 2
+_PARAM_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+_ITEM_FIELDS = 10  # numel, param, grad, kahan, state[3], absmax[3]
+
+
+def storage_code(buffer: Buffer, codec: StateCodec) -> int | None:
+    """How ``cpu_step.c`` stores this buffer, or None if it cannot."""
+    if isinstance(codec, DenseCodec) and codec.dtype == torch.float32:
+        return _STORE_FP32
+    if isinstance(codec, BlockwiseCodec):
+        cmap = codec.code_map(buffer)
+        if cmap.signed and cmap.power == 2:
+            return _STORE_SIGNED_8BIT
+        if not cmap.signed and cmap.power == 4:
+            return _STORE_UNSIGNED_8BIT
+    return None
+
+
+def unsupported(rule: type[UpdateRule], codecs: Sequence[tuple[Buffer, StateCodec]], flags: Mapping[str, object],
+                param_dtype: torch.dtype, device: torch.device) -> str | None:
+    """Why this configuration cannot run natively, or None when it can."""
+    if device.type != "cpu":
+        return f"the native kernel runs on CPU, not {device.type}"
+    kernel = KERNELS.get(rule.name)
+    if kernel is None:
+        return f"no native kernel for {rule.name} (native: {', '.join(KERNELS)})"
+    extra = sorted(name for name, value in flags.items() if value and name not in kernel.flags)
+    if extra:
+        return f"the native {rule.name} kernel has no {', '.join(extra)}"
+    if param_dtype not in _PARAM_DTYPES:
+        return f"native kernels take fp32 or bf16 parameters, not {param_dtype}"
+    for buffer, codec in codecs:
+        if storage_code(buffer, codec) is None:
+            return f"native kernels store state as fp32 or 8bit, not {codec.name} ({buffer.name})"
+    return library_error()
+
+
+def compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("HF_OPTIM_CACHE") or Path.home() / ".cache" / "hf_optim")
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | str:
+    """The loaded kernel library, or why it could not be built (a string)."""
+    cc = compiler()
+    if cc is None:
+        return "no C compiler (gcc or cc) found"
+    flags = FLAGS + (X86_FLAGS if platform.machine().lower() in ("x86_64", "amd64") else ())
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as err:
+        return f"{cc} does not run: {err}"
+    digest = hashlib.sha256("\0".join([SOURCE.read_text(), *flags, version, platform.machine()]).encode())
+    target = cache_dir() / f"cpu_step-{digest.hexdigest()[:16]}.so"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # build beside the target and rename: processes launched together (DDP ranks) may race here
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        os.close(fd)
+        build = subprocess.run([cc, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+        if build.returncode != 0:
+            os.unlink(tmp)
+            return f"building {SOURCE.name} failed: {build.stderr.strip()[:500]}"
+        os.replace(tmp, target)
+    lib = ctypes.CDLL(str(target))
+    lib.hf_optim_step.restype = ctypes.c_int
+    lib.hf_optim_step.argtypes = [
+        ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
+        ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+    ]
+    return lib
+
+
+def library_error() -> str | None:
+    """None when the kernel library is built and loaded, else why not."""
+    lib = _library()
+    return lib if isinstance(lib, str) else None
+
+
+def step(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    states: Sequence[Tensor],
+    kahans: Sequence[Tensor],
+    coefficients: Tensor,
+    rule: str,
+    storage: Sequence[int],
+    flags: int,
+) -> None:
+    """One step of ``rule`` for every parameter, in place (the body of ``torch.ops.hf_optim.cpu_step``).
+
+    ``states`` holds each parameter's buffers in rule order, item after item:
+    one fp32 tensor per fp32 buffer, codes then block scales per 8-bit one.
+    ``kahans`` is empty or one compensation buffer per (bf16) parameter. Every
+    tensor must be contiguous; a parameter and its gradient share dtype and size.
+    """
+    lib = _library()
+    if isinstance(lib, str):
+        raise RuntimeError(f"hf_optim native kernel unavailable: {lib}")
+    kernel = KERNELS[rule]
+    per_item = sum(1 if code == _STORE_FP32 else 2 for code in storage)
+    if len(states) != per_item * len(params) or len(grads) != len(params) or len(kahans) not in (0, len(params)):
+        raise ValueError("cpu_step: params, grads, states and kahans do not line up")
+    rows, first_block = [], [0]
+    for i, (p, g) in enumerate(zip(params, grads)):
+        if p.dtype != g.dtype or p.numel() != g.numel() or not (p.is_contiguous() and g.is_contiguous()):
+            raise ValueError("cpu_step: parameters and gradients must be contiguous and alike")
+        row = [p.numel(), p.data_ptr(), g.data_ptr(), kahans[i].data_ptr() if kahans else 0, 0, 0, 0, 0, 0, 0]
+        tensors = iter(states[i * per_item : (i + 1) * per_item])
+        for k, code in enumerate(storage):
+            row[4 + k] = next(tensors).data_ptr()
+            if code != _STORE_FP32:
+                row[7 + k] = next(tensors).data_ptr()
+        rows.append(row)
+        first_block.append(first_block[-1] + -(-p.numel() // 256))
+    items = torch.tensor(rows, dtype=torch.int64)
+    blocks = torch.tensor(first_block, dtype=torch.int64)
+    codes = (ctypes.c_int * max(len(storage), 1))(*storage)
+    c = coefficients.contiguous()
+    dtype = _PARAM_DTYPES[params[0].dtype] if params else 0
+    status = lib.hf_optim_step(
+        kernel.index, items.data_ptr(), len(rows), blocks.data_ptr(), c.data_ptr(), len(storage), codes, dtype,
+        flags, torch.get_num_threads(),
+    )
+    if status:
+        raise RuntimeError(f"cpu_step: the kernel rejected rule {rule!r} with {len(storage)} buffers")
+
+
+@torch.library.custom_op("hf_optim::cpu_step", mutates_args=("params", "states", "kahans"), device_types="cpu")
+def cpu_step(
+    params: list[Tensor],
+    grads: list[Tensor],
+    states: list[Tensor],
+    kahans: list[Tensor],
+    coefficients: Tensor,
+    rule: str,
+    storage: list[int],
+    flags: int,
+) -> None:
+    """``step`` as a torch operator: traceable (its fake does nothing) and version-counted."""
+    step(params, grads, states, kahans, coefficients, rule, storage, flags)
+
+
+@cpu_step.register_fake
+def _(params, grads, states, kahans, coefficients, rule, storage, flags) -> None:
+    return None
+
+
+def flag_bits(rule: type[UpdateRule], flags: Mapping[str, object], kahan: bool) -> int:
+    kernel = KERNELS[rule.name]
+    bits = sum(bit for name, bit in kernel.flags.items() if flags.get(name))
+    return bits | (_KAHAN_FLAG if kahan else 0)

@@ -1,0 +1,272 @@
+"""The native CPU kernel (hf_optim/kernels): exact against independent references and the eager step.
+
+- fp32 state: bit-exact against a NumPy fp32 reference written here (NumPy's ops are
+  correctly rounded, as the kernel's are).
+- 8-bit state: codes and scales bit-identical to the eager codec's, and the quantizer equals
+  brute-force nearest code; parameters within an ulp of the eager step's (torch's CPU sqrt
+  is not correctly rounded, so the eager step itself is an ulp off the NumPy reference).
+- bf16 parameters with Kahan compensation, NaN/Inf gradients, ragged sizes, amsgrad and
+  maximize, the torch.library operator, and the engine's choice and errors.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import hf_optim
+from hf_optim.kernels import native
+from hf_optim.rules.base import Buffer
+from hf_optim.state.blockwise import BLOCK, EIGHT_BIT
+
+pytestmark = pytest.mark.skipif(native.library_error() is not None, reason=f"{native.library_error()}")
+
+SHAPES = [(300, 257), (4096,), (77, 129), (5000,), (64, 512)]  # ragged and whole blocks
+ADAMW_HP = {"lr": 3e-3, "betas": (0.8, 0.99), "eps": 1e-6, "weight_decay": 0.1}
+LION_HP = {"lr": 3e-5, "betas": (0.85, 0.97), "weight_decay": 0.2}
+F = np.float32
+
+
+def gradients(shapes, steps, seed=0, poison_step=None, dtype=torch.float32):
+    """Per-step gradients with scales spread over decades; NaN and Inf entries at ``poison_step``."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for step in range(steps):
+        grads = []
+        for shape in shapes:
+            g = torch.randn(shape, generator=gen) * math.exp(3 * torch.randn((), generator=gen).item())
+            if step == poison_step and g.numel() > 10:
+                g.view(-1)[3], g.view(-1)[7], g.view(-1)[-1] = float("nan"), float("inf"), -float("inf")
+            grads.append(g.to(dtype))
+        out.append(grads)
+    return out
+
+
+def run(execution, cls, grads, dtype=torch.float32, seed=1, **kwargs):
+    gen = torch.Generator().manual_seed(seed)
+    params = [torch.randn(g.shape, generator=gen).to(dtype) for g in grads[0]]
+    opt = cls(params, execution=execution, **kwargs)
+    for step_grads in grads:
+        for p, g in zip(params, step_grads):
+            p.grad = g.clone()
+        opt.step()
+    return params, opt
+
+
+# --- fp32 state: bit-exact against NumPy ---------------------------------------------------
+
+
+def numpy_adamw(p, grads, lr, betas, eps, weight_decay, amsgrad=False, maximize=False):
+    p = p.numpy().astype(F).copy()
+    m, v, vmax = np.zeros_like(p), np.zeros_like(p), np.zeros_like(p)
+    b1, b2 = torch.tensor(betas[0]), torch.tensor(betas[1])  # scalar math as the rule does it, in torch
+    for t, g in enumerate(grads, start=1):
+        g = -g.numpy() if maximize else g.numpy()
+        step = torch.tensor(float(t))
+        lr_t = torch.tensor(lr)
+        decay = (1 - lr_t * weight_decay).numpy()
+        step_size = (lr_t / (1 - b1**step)).numpy()
+        ibc2 = (1 - b2**step).rsqrt().numpy()
+        p = p * decay
+        m = m * b1.numpy() + g * (1 - b1).numpy()
+        v = v * b2.numpy() + (g * g) * (1 - b2).numpy()
+        if amsgrad:
+            vmax = np.maximum(vmax, v)
+        denom = np.sqrt(vmax if amsgrad else v) * ibc2 + F(eps)
+        p = p - (m / denom) * step_size
+    return p, m, v
+
+
+def numpy_lion(p, grads, lr, betas, weight_decay):
+    p = p.numpy().astype(F).copy()
+    m = np.zeros_like(p)
+    b1, b2, lr_t = torch.tensor(betas[0]), torch.tensor(betas[1]), torch.tensor(lr)
+    decay = (1 - lr_t * weight_decay).numpy()
+    for g in grads:
+        g = g.numpy()
+        direction = np.sign(m * b1.numpy() + g * (1 - b1).numpy())
+        p = p * decay - direction * lr_t.numpy()
+        m = m * b2.numpy() + g * (1 - b2).numpy()
+    return p, m
+
+
+@pytest.mark.parametrize("flags", [{}, {"amsgrad": True}, {"maximize": True}])
+def test_adamw_fp32_state_is_bit_exact_against_numpy(flags):
+    grads = gradients(SHAPES, steps=5)
+    params, opt = run("native", hf_optim.AdamW, grads, **ADAMW_HP, **flags)
+    gen = torch.Generator().manual_seed(1)
+    for i, p in enumerate(params):
+        start = torch.randn(p.shape, generator=gen)
+        ref_p, ref_m, ref_v = numpy_adamw(start, [g[i] for g in grads], **ADAMW_HP, **flags)
+        assert np.array_equal(p.numpy(), ref_p)
+        assert np.array_equal(opt.state[p]["exp_avg"].numpy(), ref_m)
+        assert np.array_equal(opt.state[p]["exp_avg_sq"].numpy(), ref_v)
+
+
+def test_lion_fp32_state_is_bit_exact_against_numpy():
+    grads = gradients(SHAPES, steps=5)
+    params, opt = run("native", hf_optim.Lion, grads, **LION_HP)
+    gen = torch.Generator().manual_seed(1)
+    for i, p in enumerate(params):
+        ref_p, ref_m = numpy_lion(torch.randn(p.shape, generator=gen), [g[i] for g in grads], **LION_HP)
+        assert np.array_equal(p.numpy(), ref_p)
+        assert np.array_equal(opt.state[p]["exp_avg"].numpy(), ref_m)
+
+
+# --- 8-bit state and bf16 parameters: against the eager step ------------------------------
+
+
+CASES = [
+    (hf_optim.AdamW, ADAMW_HP),
+    (hf_optim.AdamW, {**ADAMW_HP, "amsgrad": True, "maximize": True}),
+    (hf_optim.Lion, LION_HP),
+]
+
+
+def assert_matches_eager(cls, hp, dtype, precision, poison_step=None):
+    grads = gradients(SHAPES, steps=6, poison_step=poison_step, dtype=dtype)
+    options = {"state_precision": precision, **({"min_8bit_size": 0} if precision == "8bit" else {})}
+    eager, eager_opt = run("eager", cls, grads, dtype=dtype, **hp, **options)
+    ours, ours_opt = run("native", cls, grads, dtype=dtype, **hp, **options)
+    for a, b in zip(eager, ours):
+        assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.isinf(), b.isinf())
+        torch.testing.assert_close(b, a, rtol=2e-6 if dtype == torch.float32 else 8e-3, atol=1e-7, equal_nan=True)
+        for key, value in eager_opt.state[a].items():
+            if key == "kahan_comp":  # what rounding lost: carries the eager sqrt's ulp
+                torch.testing.assert_close(ours_opt.state[b][key].float(), value.float(), rtol=0, atol=1e-5,
+                                           equal_nan=True)
+            else:  # the state never passes through sqrt: identical bits
+                assert torch.equal(ours_opt.state[b][key].nan_to_num(), value.nan_to_num()), key
+
+
+@pytest.mark.parametrize(("cls", "hp"), CASES)
+def test_8bit_state_is_bit_identical_to_eager(cls, hp):
+    assert_matches_eager(cls, hp, torch.float32, "8bit")
+
+
+@pytest.mark.parametrize(("cls", "hp"), CASES)
+def test_nan_and_inf_gradients_match_eager_and_stay_in_their_element(cls, hp):
+    assert_matches_eager(cls, hp, torch.float32, "8bit", poison_step=3)
+
+
+@pytest.mark.parametrize("precision", ["8bit", "fp32"])
+@pytest.mark.parametrize("kahan", [True, False])
+@pytest.mark.parametrize(("cls", "hp"), CASES[::2])
+def test_bf16_parameters_match_eager(cls, hp, precision, kahan):
+    assert_matches_eager(cls, {**hp, "kahan_sum": kahan}, torch.bfloat16, precision)
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), numel=st.integers(1, 3 * BLOCK + 5), log_scale=st.floats(-30, 20))
+def test_kernel_quantizer_equals_brute_force_nearest_code(seed, numel, log_scale):
+    # betas 0: the moments are exactly g and g*g, so their codes are the quantizer's output on them
+    gen = torch.Generator().manual_seed(seed)
+    g = torch.randn(numel, generator=gen) * math.exp(log_scale)
+    p = torch.zeros(numel)
+    p.grad = g
+    opt = hf_optim.AdamW([p], execution="native", betas=(0.0, 0.0), state_precision="8bit", min_8bit_size=0)
+    opt.step()
+    for buffer, value in ((Buffer("exp_avg", "signed"), g), (Buffer("exp_avg_sq", "unsigned"), g * g)):
+        cmap = EIGHT_BIT.code_map(buffer)
+        codes, absmax = opt.state[p][f"{buffer.name}.codes"], opt.state[p][f"{buffer.name}.absmax"]
+        scale = absmax.repeat_interleave(BLOCK)[:numel]
+        a = value.abs() * torch.where(scale > 0, scale, 1.0).reciprocal()
+        levels = cmap.level(torch.arange(cmap.levels + 1, dtype=torch.float32))
+        distance = (a[:, None] - levels[None, :]).abs()
+        nearest = distance.argmin(dim=1)  # the first minimum: ties go down
+        assert torch.equal(codes.long().abs(), nearest)
+        if cmap.signed:
+            assert torch.equal(codes.long().sign(), torch.where(nearest > 0, value.sign(), 0).long())
+
+
+def kernel_moments(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel's 8-bit codes of m = g and v = g*g: one AdamW block per value, scale 1."""
+    blocks = torch.ones(g.numel(), BLOCK)  # the other entries are 1: every block's scale is exactly 1
+    blocks[:, 0] = g
+    m = EIGHT_BIT.allocate(Buffer("exp_avg", "signed"), blocks.view(-1))
+    v = EIGHT_BIT.allocate(Buffer("exp_avg_sq", "unsigned"), blocks.view(-1))
+    # decay 1, betas 0 (m = g, v = g*g), step size 0: the parameter stays, the moments are the gradient's
+    coefficients = torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0, 1.0])
+    states = [m["exp_avg.codes"], m["exp_avg.absmax"], v["exp_avg_sq.codes"], v["exp_avg_sq.absmax"]]
+    native.step([torch.zeros(blocks.numel())], [blocks.view(-1)], states, [], coefficients, "adamw", [1, 2], 0)
+    return states[0].view(-1, BLOCK)[:, 0].long(), states[2].view(-1, BLOCK)[:, 0].long()
+
+
+def test_kernel_quantizer_at_levels_and_either_side_of_every_midpoint():
+    for buffer in (Buffer("exp_avg", "signed"), Buffer("exp_avg_sq", "unsigned")):
+        cmap = EIGHT_BIT.code_map(buffer)
+        table = cmap.level(torch.arange(cmap.levels + 1, dtype=torch.float32))
+        mid = (table[:-1] + table[1:]) / 2
+        below, above = torch.nextafter(mid, torch.zeros_like(mid)), torch.nextafter(mid, torch.ones_like(mid))
+        for values in (table, below, above):
+            g = values if cmap.signed else values.sqrt()  # v = g*g lands on or within ulps of each value
+            actual = g if cmap.signed else g * g
+            nearest = (actual[:, None] - table[None, :]).abs().argmin(dim=1)
+            m_codes, v_codes = kernel_moments(g)
+            assert torch.equal(m_codes if cmap.signed else v_codes, nearest), buffer.kind
+
+
+def test_torch_library_operator_passes_opcheck():
+    p, g = torch.randn(700), torch.randn(700)
+    stored = EIGHT_BIT.allocate(Buffer("exp_avg", "signed"), p)
+    args = ([p], [g], [stored["exp_avg.codes"], stored["exp_avg.absmax"]], [],
+            torch.tensor([1e-4, 0.99, 0.9, 0.1, 0.99, 0.01]), "lion", [1], 0)
+    torch.library.opcheck(torch.ops.hf_optim.cpu_step.default, args)
+
+
+# --- the engine's choice, and errors ----------------------------------------------------------
+
+
+def test_auto_runs_native_where_it_applies_and_compiled_or_eager_elsewhere():
+    params = [torch.nn.Parameter(torch.randn(64, 64)) for _ in range(2)]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    for cls, expected in ((hf_optim.AdamW, "native"), (hf_optim.Lion, "native"), (hf_optim.LAMB, "eager")):
+        opt = cls(params, execution="auto")
+        opt.step()
+        assert set(opt._modes.values()) == {expected}, cls
+    fp16 = [torch.nn.Parameter(torch.randn(64, 64, dtype=torch.float16))]
+    fp16[0].grad = torch.randn_like(fp16[0])
+    opt = hf_optim.AdamW(fp16, execution="auto")
+    opt.step()
+    assert set(opt._modes.values()) == {"eager"}
+
+
+def test_native_for_a_rule_without_a_kernel_is_a_clear_error_at_construction():
+    with pytest.raises(ValueError, match="Invalid execution: 'native' for LAMB: no native kernel for lamb"):
+        hf_optim.LAMB([torch.nn.Parameter(torch.randn(4))], execution="native")
+
+
+def test_native_with_storage_it_cannot_run_is_a_clear_error():
+    p = torch.nn.Parameter(torch.randn(64, 64))
+    p.grad = torch.randn_like(p)
+    opt = hf_optim.AdamW([p], execution="native", state_precision="bf16")
+    with pytest.raises(ValueError, match="native kernels store state as fp32 or 8bit, not bf16"):
+        opt.step()
+
+
+def test_kernel_builds_in_a_fresh_cache_and_a_missing_compiler_falls_back(tmp_path):
+    script = (
+        "import torch, hf_optim\n"
+        "from hf_optim.kernels import native\n"
+        "print(native.library_error())\n"
+        "p = torch.nn.Parameter(torch.ones(8)); p.grad = torch.ones(8)\n"
+        "opt = hf_optim.AdamW([p], execution='auto'); opt.step()\n"
+        "print(sorted(set(opt._modes.values())))\n"
+    )
+    env = {**os.environ, "HF_OPTIM_CACHE": str(tmp_path / "cache")}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split("\n")[:2] == ["None", "['native']"], out.stderr[-2000:]
+    assert len(list((tmp_path / "cache").glob("cpu_step-*.so"))) == 1
+    env["CC"] = str(tmp_path / "no-such-compiler")
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    lines = out.stdout.split("\n")
+    assert "does not run" in lines[0] and lines[1] == "['eager']", out.stdout
