@@ -88,7 +88,7 @@ static inline uint32_t unit_bits(float x, float r) {
 
 static void encode_signed(int n, const float *restrict x, float scale, int8_t *restrict q) {
   const float r = 1.0f / (scale > 0 ? scale : 1.0f);
-  int32_t code[BLOCK];
+  int32_t code[BLOCK] __attribute__((aligned(64)));
   for (int i = 0; i < n; ++i) {
     uint32_t bits = unit_bits(x[i], r);
     float a = from_bits(bits), t = from_bits(bits > TINY_BITS ? bits : TINY_BITS);
@@ -107,7 +107,7 @@ static void encode_signed(int n, const float *restrict x, float scale, int8_t *r
 
 static void encode_unsigned(int n, const float *restrict x, float scale, uint8_t *restrict q) {
   const float r = 1.0f / (scale > 0 ? scale : 1.0f);
-  int32_t code[BLOCK];
+  int32_t code[BLOCK] __attribute__((aligned(64)));
   for (int i = 0; i < n; ++i) {
     uint32_t bits = unit_bits(x[i], r);
     float a = from_bits(bits), t = from_bits(bits > TINY_BITS ? bits : TINY_BITS);
@@ -185,7 +185,8 @@ typedef struct {
 static void step_block(const spec_t *sp, const item_t *it, int64_t block) {
   const int64_t off = block * BLOCK;
   const int n = (int)(it->numel - off < BLOCK ? it->numel - off : BLOCK);
-  float pbuf[BLOCK], gbuf[BLOCK], sbuf[MAX_BUFFERS][BLOCK];
+  float pbuf[BLOCK] __attribute__((aligned(64))), gbuf[BLOCK] __attribute__((aligned(64)));
+  float sbuf[MAX_BUFFERS][BLOCK] __attribute__((aligned(64)));
   float *p, *s[MAX_BUFFERS];
   const float *g;
   if (sp->param_dtype == PARAM_FP32) {
