@@ -64,7 +64,7 @@ def peers(rule: str, storage: str) -> dict[str, Factory]:
     return {name: f for name, f in table.get((rule, storage), []) if f is not None}
 
 
-def candidates(optims: Sequence[str], execution: str = "eager", with_peers: bool = True) -> dict[str, Factory]:
+def candidates(optims: Sequence[str], execution: str = "auto", with_peers: bool = True) -> dict[str, Factory]:
     out: dict[str, Factory] = {BASELINE: lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True)}
     for name in optims:
         spec = registry.get_spec(name)
@@ -124,7 +124,8 @@ def cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tensors", type=int, default=8, help="number of equal tensors (default 8)")
     parser.add_argument("--steps", type=int, default=10, help="timed rounds (default 10)")
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--execution", choices=("eager", "compiled", "auto"), default="eager")
+    parser.add_argument("--execution", choices=("auto", "eager", "compiled", "native"), default="auto",
+                        help="how hf_optim steps (default auto: native where it applies, else compiled)")
     parser.add_argument("--no-peers", action="store_true", help="only torch fused AdamW and hf_optim")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
 

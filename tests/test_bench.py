@@ -11,7 +11,7 @@ def test_bench_json_has_a_row_per_candidate(capsys):
     assert cli.main(["bench", "--optims", "adamw,lion_8bit", "--numel", "64K", "--tensors", "2", "--steps", "2",
                      "--warmup", "1", "--json"]) == 0
     rows = {r["candidate"]: r for r in json.loads(capsys.readouterr().out)}
-    assert {bench.BASELINE, "hf_optim adamw (eager)", "hf_optim lion_8bit (eager)"} <= set(rows)
+    assert {bench.BASELINE, "hf_optim adamw (auto)", "hf_optim lion_8bit (auto)"} <= set(rows)
     assert rows[bench.BASELINE]["x_fused"] == 1.0
     measured = [r for r in rows.values() if r["median_ms"] is not None]
     assert all(r["median_ms"] > 0 for r in measured) and len(measured) >= 3
@@ -21,6 +21,6 @@ def test_bench_json_has_a_row_per_candidate(capsys):
 
 def test_bench_table(capsys):
     assert cli.main(["bench", "--optims", "adamw", "--numel", "16K", "--tensors", "1", "--steps", "1",
-                     "--no-peers"]) == 0
+                     "--no-peers", "--execution", "eager"]) == 0
     out = capsys.readouterr().out
     assert "x torch fused" in out and "hf_optim adamw (eager)" in out and "optimi" not in out
