@@ -219,6 +219,7 @@ class Optimizer(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             scalars = self.rule.scalars(group)
+            flags = self._flags(group)
             # parameters that share a configuration and device run as one bucket
             buckets: dict[tuple, list[StepItem]] = {}
             owners: dict[tuple, list[Tensor]] = {}  # the parameters of each bucket, for the pager
@@ -234,7 +235,7 @@ class Optimizer(torch.optim.Optimizer):
                     if self._pager is not None:  # paged placement: decide where the new state lives
                         self._pager.place(p, state)
                 local, grad = _local(p), _local(p.grad)
-                config = self._config(p, name, group)
+                config = self._config(p, name, group, flags)
                 key = (id(config), local.device)
                 if key not in buckets:
                     buckets[key], owners[key], configs[key] = [], [], config
@@ -276,10 +277,10 @@ class Optimizer(torch.optim.Optimizer):
             self._modes[key] = mode
         return mode
 
-    def _config(self, p: Tensor, name: str | None, group: Mapping[str, Any]) -> StepConfig:
+    def _config(self, p: Tensor, name: str | None, group: Mapping[str, Any], flags: dict[str, Any]) -> StepConfig:
         """The step configuration of one parameter (cached: computed once per group setting)."""
-        flags = self._flags(group)
-        if self.rule.wants_param_ndim:  # e.g. LAMB/LARS: biases and norms (ndim <= 1) skip the trust ratio
+        if self.rule.wants_param_ndim:
+            flags = dict(flags)  # e.g. LAMB/LARS: biases and norms (ndim <= 1) skip the trust ratio
             flags["param_ndim"] = p.dim()
         cache_key = (id(p), p.dtype, p.numel(), group["state_precision"], group["kahan_sum"], tuple(flags.items()))
         config = self._configs.get(cache_key)
