@@ -53,20 +53,6 @@ static inline uint16_t float_to_bf16(float f) {
 
 /* ---- 8-bit block codec (hf_optim/state/blockwise.py) ---- */
 
-static void decode_signed(int n, const int8_t *restrict q, float scale, float *restrict out) {
-  for (int i = 0; i < n; ++i) {
-    float c = (float)q[i];
-    out[i] = ((c * fabsf(c)) * SIGNED_SCALE) * scale;
-  }
-}
-
-static void decode_unsigned(int n, const uint8_t *restrict q, float scale, float *restrict out) {
-  for (int i = 0; i < n; ++i) {
-    float c = (float)q[i], s = c * c;
-    out[i] = ((s * s) * UNSIGNED_SCALE) * scale;
-  }
-}
-
 /* largest finite |x|: non-negative floats order like their bits, and an integer max vectorizes */
 static float block_absmax(int n, const float *restrict x) {
   uint32_t best = 0;
@@ -86,45 +72,67 @@ static inline uint32_t unit_bits(float x, float r) {
   return a < ONE_BITS ? a : ONE_BITS;
 }
 
-static void encode_signed(int n, const float *restrict x, float scale, int8_t *restrict q) {
-  const float r = 1.0f / (scale > 0 ? scale : 1.0f);
-  int32_t code[BLOCK] __attribute__((aligned(64)));
+/* sqrt(t) from below within 1.8e-3 (t in [1e-30, 1]): bit-level guess of t^-1/2 and one Newton step */
+static inline float sqrt_below(float t) {
+  float y = from_bits(0x5f375a86u - (to_bits(t) >> 1));
+  y = y * (1.5f - (0.5f * t) * (y * y));
+  return t * y;
+}
+
+/* t^(1/4) from below within 4.6e-5 (t in [1e-30, 1]): bit-level guess of t^-1/4 and two Newton steps */
+static inline float root4_below(float t) {
+  float y = from_bits(0x4f584000u - (to_bits(t) >> 2));
+  float y2 = y * y;
+  y = y * (1.25f - (0.25f * t) * (y2 * y2));
+  y2 = y * y;
+  y = y * (1.25f - (0.25f * t) * (y2 * y2));
+  return t * (y * y * y);
+}
+
+static inline float level(float c, int is_signed) {
+  if (is_signed) return (c * c) * SIGNED_SCALE;
+  float s = c * c;
+  return (s * s) * UNSIGNED_SCALE;
+}
+
+static void decode_signed(int n, const int8_t *restrict q, float scale, float *restrict out) {
+  for (int i = 0; i < n; ++i) {
+    float c = (float)q[i];
+    out[i] = copysignf(level(c, 1), c) * scale;
+  }
+}
+
+static void decode_unsigned(int n, const uint8_t *restrict q, float scale, float *restrict out) {
+  for (int i = 0; i < n; ++i) {
+    out[i] = level((float)q[i], 0) * scale;
+  }
+}
+
+/* Code magnitudes of x / scale (signed where ``is_signed``): the guess g is the code just below |x|/scale or the
+   one under it, so the nearest is g, g + 1 or g + 2, and two midpoint tests decide (ties go down). */
+static inline void quantize(int n, const float *restrict x, float scale, int32_t *restrict code, int is_signed) {
+  const float r = 1.0f / (scale > 0 ? scale : 1.0f), top = is_signed ? 127.0f : 255.0f;
   for (int i = 0; i < n; ++i) {
     uint32_t bits = unit_bits(x[i], r);
     float a = from_bits(bits), t = from_bits(bits > TINY_BITS ? bits : TINY_BITS);
-    /* sqrt(t) from below within 1.8e-3: bit-level guess of t^-1/2 and one Newton step */
-    float y = from_bits(0x5f375a86u - (to_bits(t) >> 1));
-    y = y * (1.5f - (0.5f * t) * (y * y));
-    float g = floorf((t * y) * (127.0f * GUESS_BIAS));
+    float g = floorf((is_signed ? sqrt_below(t) : root4_below(t)) * (top * GUESS_BIAS));
     float g1 = g + 1.0f, g2 = g + 2.0f;
-    float l0 = (g * g) * SIGNED_SCALE, l1 = (g1 * g1) * SIGNED_SCALE, l2 = (g2 * g2) * SIGNED_SCALE;
+    float l0 = level(g, is_signed), l1 = level(g1, is_signed), l2 = level(g2, is_signed);
     float c = (a - l0) > (l1 - a) ? g1 : g;
     c = (a - l1) > (l2 - a) ? g2 : c;
-    code[i] = (int32_t)copysignf(c, x[i]);
+    code[i] = (int32_t)(is_signed ? copysignf(c, x[i]) : c);
   }
+}
+
+static void encode_signed(int n, const float *restrict x, float scale, int8_t *restrict q) {
+  int32_t code[BLOCK] __attribute__((aligned(64)));
+  quantize(n, x, scale, code, 1);
   for (int i = 0; i < n; ++i) q[i] = (int8_t)code[i];
 }
 
 static void encode_unsigned(int n, const float *restrict x, float scale, uint8_t *restrict q) {
-  const float r = 1.0f / (scale > 0 ? scale : 1.0f);
   int32_t code[BLOCK] __attribute__((aligned(64)));
-  for (int i = 0; i < n; ++i) {
-    uint32_t bits = unit_bits(x[i], r);
-    float a = from_bits(bits), t = from_bits(bits > TINY_BITS ? bits : TINY_BITS);
-    /* t^(1/4) from below within 4.6e-5: bit-level guess of t^-1/4 and two Newton steps */
-    float y = from_bits(0x4f584000u - (to_bits(t) >> 2));
-    float y2 = y * y;
-    y = y * (1.25f - (0.25f * t) * (y2 * y2));
-    y2 = y * y;
-    y = y * (1.25f - (0.25f * t) * (y2 * y2));
-    float g = floorf((t * (y * y * y)) * (255.0f * GUESS_BIAS));
-    float g1 = g + 1.0f, g2 = g + 2.0f;
-    float s0 = g * g, s1 = g1 * g1, s2 = g2 * g2;
-    float l0 = (s0 * s0) * UNSIGNED_SCALE, l1 = (s1 * s1) * UNSIGNED_SCALE, l2 = (s2 * s2) * UNSIGNED_SCALE;
-    float c = (a - l0) > (l1 - a) ? g1 : g;
-    c = (a - l1) > (l2 - a) ? g2 : c;
-    code[i] = (int32_t)c;
-  }
+  quantize(n, x, scale, code, 0);
   for (int i = 0; i < n; ++i) q[i] = (uint8_t)code[i];
 }
 
