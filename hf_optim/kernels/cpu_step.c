@@ -18,6 +18,9 @@
 
 #define BLOCK 256
 #define MAX_BUFFERS 3
+/* blocks to prefetch ahead: the quantizer's arithmetic then overlaps the loads of what comes next
+   (measured here: 8-bit Lion 0.82 -> 0.73-0.76x fused AdamW; 8-bit AdamW, compute-bound, unchanged) */
+#define PREFETCH_AHEAD 2
 
 /* codes' maps: level(c) = |c|^k * K with K = fl(1 / N^k) (exactly 1 at the top code) */
 #define SIGNED_SCALE 6.200012e-05f     /* 1 / 127^2 */
@@ -193,6 +196,21 @@ typedef struct {
 static void step_block(const spec_t *sp, const item_t *it, int64_t block) {
   const int64_t off = block * BLOCK;
   const int n = (int)(it->numel - off < BLOCK ? it->numel - off : BLOCK);
+  /* (in line: as a function of its own, gcc judges it side-effect free and deletes the call) */
+  if (off + (PREFETCH_AHEAD + 1) * BLOCK <= it->numel) {
+    const int64_t ahead = off + PREFETCH_AHEAD * BLOCK;
+    const int size = sp->param_dtype == PARAM_FP32 ? 4 : 2;
+    const char *pa = (const char *)it->param + ahead * size, *ga = (const char *)it->grad + ahead * size;
+    for (int line = 0; line < BLOCK * size; line += 64) {
+      __builtin_prefetch(pa + line, 1, 3);
+      __builtin_prefetch(ga + line, 0, 3);
+    }
+    for (int k = 0; k < sp->n_buffers; ++k) {
+      const int state_size = sp->storage[k] == STORE_FP32 ? 4 : 1;
+      const char *sa = (const char *)it->state[k] + ahead * state_size;
+      for (int line = 0; line < BLOCK * state_size; line += 64) __builtin_prefetch(sa + line, 1, 3);
+    }
+  }
   float pbuf[BLOCK] __attribute__((aligned(64))), gbuf[BLOCK] __attribute__((aligned(64)));
   float sbuf[MAX_BUFFERS][BLOCK] __attribute__((aligned(64)));
   float *p, *s[MAX_BUFFERS];
