@@ -119,7 +119,8 @@ def _library() -> ctypes.CDLL | str:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError) as err:
         return f"{cc} does not run: {err}"
-    digest = hashlib.sha256("\0".join([SOURCE.read_text(), *flags, version, platform.machine()]).encode())
+    # -march=native: a build is only good for this CPU (a shared home directory may serve several kinds)
+    digest = hashlib.sha256("\0".join([SOURCE.read_text(), *flags, version, _cpu_signature()]).encode())
     target = cache_dir() / f"cpu_step-{digest.hexdigest()[:16]}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -138,6 +139,16 @@ def _library() -> ctypes.CDLL | str:
         ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int,
     ]
     return lib
+
+
+def _cpu_signature() -> str:
+    """What -march=native depends on: the CPU model and its instruction-set flags."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return f"{platform.machine()} {platform.processor()}"
+    wanted = ("model name", "flags", "Features", "CPU part")  # x86 and arm64 spellings
+    return "\n".join(sorted({line for line in lines if line.split(":")[0].strip() in wanted}))
 
 
 def library_error() -> str | None:
