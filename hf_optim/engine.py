@@ -58,7 +58,7 @@ class Optimizer(torch.optim.Optimizer):
         params: tensors, ``(name, tensor)`` pairs or param-group dicts, as torch.optim takes.
         execution: ``"eager"`` (reference), ``"compiled"`` (torch.compile, one fused
             kernel per parameter), ``"native"`` (the hand-written CPU kernel of
-            ``hf_optim.kernels``: AdamW and Lion, fp32 or 8-bit state, fp32 or bf16
+            ``hf_optim.kernels``: AdamW, Lion, SGD, Adan, Ranger; fp32 or 8-bit state, fp32 or bf16
             parameters) or ``"auto"``: native where it applies, else compiled for
             models of 1M+ elements when a compiler is present, else eager.
         placement: where state lives between steps: ``"device"`` (beside the parameter)

@@ -17,7 +17,7 @@
 #include <stdint.h>
 
 #define BLOCK 256
-#define MAX_BUFFERS 3
+#define MAX_BUFFERS 4
 /* blocks to prefetch ahead: the quantizer's arithmetic then overlaps the loads of what comes next
    (measured here: 8-bit Lion 0.82 -> 0.73-0.76x fused AdamW; 8-bit AdamW, compute-bound, unchanged) */
 #define PREFETCH_AHEAD 2
@@ -31,8 +31,8 @@
 
 enum { STORE_FP32 = 0, STORE_SIGNED_8BIT = 1, STORE_UNSIGNED_8BIT = 2 };
 enum { PARAM_FP32 = 0, PARAM_BF16 = 1 };
-enum { FLAG_MAXIMIZE = 1, FLAG_AMSGRAD = 2, FLAG_KAHAN = 4 };
-enum { RULE_ADAMW = 0, RULE_LION = 1 };
+enum { FLAG_MAXIMIZE = 1, FLAG_AMSGRAD = 2, FLAG_KAHAN = 4, FLAG_NESTEROV = 8 };
+enum { RULE_ADAMW = 0, RULE_LION = 1, RULE_SGD = 2, RULE_ADAN = 3, RULE_RANGER = 4 };
 
 /* One parameter: addresses as integers (filled from Python), state buffers in rule order. */
 typedef struct {
@@ -181,8 +181,62 @@ static void lion(int n, float *restrict p, const float *restrict g, float *const
   }
 }
 
+/* hf_optim/rules/sgd.py: lr, weight_decay, momentum, one_minus_dampening, first, has_momentum; state
+   momentum_buffer */
+static void sgd(int n, float *restrict p, const float *restrict g, float *const *s, const float *c, int flags) {
+  const float lr = c[0], wd = c[1], momentum = c[2], omd = c[3], sign = flags & FLAG_MAXIMIZE ? -1.0f : 1.0f;
+  const int first = c[4] > 0, has_momentum = c[5] > 0, nesterov = flags & FLAG_NESTEROV;
+  float *restrict buf = s[0];
+  for (int i = 0; i < n; ++i) {
+    float pi = p[i], gi = g[i] * sign + pi * wd;
+    float b = first ? gi : buf[i] * momentum + gi * omd;
+    float direction = nesterov ? gi + b * momentum : b;
+    p[i] = pi - (has_momentum ? direction : gi) * lr;
+    buf[i] = b;
+  }
+}
+
+/* hf_optim/rules/adan.py: lr, inv_decay, beta1, one_minus_beta1, beta2, one_minus_beta2, beta3, one_minus_beta3,
+   inv_bias_correction1, diff_scale, inv_bias_correction3_sqrt, has_prev, eps; state exp_avg, exp_avg_diff,
+   exp_avg_sq, prev_grad */
+static void adan(int n, float *restrict p, const float *restrict g, float *const *s, const float *c, int flags) {
+  const float lr = c[0], inv_decay = c[1], b1 = c[2], omb1 = c[3], b2 = c[4], omb2 = c[5], b3 = c[6], omb3 = c[7],
+              ibc1 = c[8], diff_scale = c[9], ibc3 = c[10], has_prev = c[11], eps = c[12];
+  float *restrict m = s[0], *restrict v = s[1], *restrict nu = s[2], *restrict prev = s[3];
+  (void)flags;
+  for (int i = 0; i < n; ++i) {
+    float gi = g[i], diff = (gi - prev[i]) * has_prev;
+    float mi = m[i] * b1 + gi * omb1, vi = v[i] * b2 + diff * omb2;
+    float u = gi + diff * b2, ni = nu[i] * b3 + (u * u) * omb3;
+    float step = ((mi * ibc1 + vi * diff_scale) / (sqrtf(ni) * ibc3 + eps)) * lr;
+    p[i] = (p[i] - step) * inv_decay;
+    m[i] = mi, v[i] = vi, nu[i] = ni, prev[i] = gi;
+  }
+}
+
+/* hf_optim/rules/ranger.py: lr, decay, beta1, one_minus_beta1, beta2, one_minus_beta2, inv_bias_correction1,
+   inv_bias_correction2_sqrt, rectify, rect, eps, sync, alpha; state exp_avg, exp_avg_sq, slow_param */
+static void ranger(int n, float *restrict p, const float *restrict g, float *const *s, const float *c, int flags) {
+  const float lr = c[0], decay = c[1], b1 = c[2], omb1 = c[3], b2 = c[4], omb2 = c[5], ibc1 = c[6], ibc2 = c[7],
+              rect = c[9], eps = c[10], alpha = c[12];
+  const int rectify = c[8] > 0, sync = c[11] > 0;
+  float *restrict m = s[0], *restrict v = s[1], *restrict slow = s[2];
+  (void)flags;
+  for (int i = 0; i < n; ++i) {
+    float gi = g[i], pi = p[i] * decay;
+    float mi = m[i] * b1 + gi * omb1, vi = v[i] * b2 + (gi * gi) * omb2;
+    float m_hat = mi * ibc1;
+    float adaptive = (m_hat * rect) / (sqrtf(vi) * ibc2 + eps);
+    pi = pi - (rectify ? adaptive : m_hat) * lr;
+    float si = slow[i];
+    si = sync ? si + (pi - si) * alpha : si;
+    p[i] = sync ? si : pi;
+    m[i] = mi, v[i] = vi, slow[i] = si;
+  }
+}
+
 typedef void rule_fn(int, float *restrict, const float *restrict, float *const *, const float *, int);
-static rule_fn *const RULES[] = { adamw, lion };
+static rule_fn *const RULES[] = { adamw, lion, sgd, adan, ranger };
 
 /* ---- one block of one parameter ---- */
 

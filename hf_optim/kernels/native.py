@@ -3,13 +3,14 @@
 ``execution="native"`` (and ``"auto"`` on CPU, where it applies) steps a bucket
 of parameters with one call into ``cpu_step.c``: decode -> rule -> encode per
 block of 256 elements, all blocks of all parameters in one OpenMP loop. The
-kernel covers the rules and storages listed in ``KERNELS`` / ``STORAGES``
-(fp32 or bf16 parameters); anything else runs compiled or eagerly, as before.
+kernel covers the rules in ``KERNELS`` (AdamW, Lion, SGD, Adan, Ranger) with
+fp32 or 8-bit state and fp32 or bf16 parameters; anything else runs compiled
+or eagerly.
 
 The shared library is built on first use with ``-O3 -march=native`` (about a
 second) and cached under ``$HF_OPTIM_CACHE`` (default ``~/.cache/hf_optim``)
-by a hash of the source, flags and compiler, so it matches the machine it runs
-on. It is loaded with ctypes and reached through the custom operator
+by a hash of the source, flags, compiler and CPU, so it matches the machine it
+runs on. It is loaded with ctypes and reached through the custom operator
 ``torch.ops.hf_optim.cpu_step`` (with a fake implementation, so a compiled
 graph can hold it); it links the OpenMP runtime torch already loaded.
 """
@@ -61,11 +62,27 @@ KERNELS: dict[str, NativeKernel] = {
         {"maximize": 1, "amsgrad": 2},
     ),
     "lion": NativeKernel(1, ("lr", "decay", "beta1", "one_minus_beta1", "beta2", "one_minus_beta2"), {}),
+    "sgd": NativeKernel(
+        2, ("lr", "weight_decay", "momentum", "one_minus_dampening", "first", "has_momentum"),
+        {"maximize": 1, "nesterov": 8},
+    ),
+    "adan": NativeKernel(
+        3,
+        ("lr", "inv_decay", "beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "beta3", "one_minus_beta3",
+         "inv_bias_correction1", "diff_scale", "inv_bias_correction3_sqrt", "has_prev", "eps"),
+        {},
+    ),
+    "ranger": NativeKernel(
+        4,
+        ("lr", "decay", "beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "inv_bias_correction1",
+         "inv_bias_correction2_sqrt", "rectify", "rect", "eps", "sync", "alpha"),
+        {},
+    ),
 }
 _KAHAN_FLAG = 4
 _STORE_FP32, _STORE_SIGNED_8BIT, _STORE_UNSIGNED_8BIT = 0, 1, 2
 _PARAM_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
-_ITEM_FIELDS = 10  # numel, param, grad, kahan, state[3], absmax[3]
+_MAX_BUFFERS = 4  # cpu_step.c's MAX_BUFFERS
 
 
 def storage_code(buffer: Buffer, codec: StateCodec) -> int | None:
@@ -178,6 +195,8 @@ def step(
     if isinstance(lib, str):
         raise RuntimeError(f"hf_optim native kernel unavailable: {lib}")
     kernel = KERNELS[rule]
+    if len(storage) > _MAX_BUFFERS:
+        raise ValueError(f"cpu_step: at most {_MAX_BUFFERS} state buffers, got {len(storage)}")
     per_item = sum(1 if code == _STORE_FP32 else 2 for code in storage)
     if len(states) != per_item * len(params) or len(grads) != len(params) or len(kahans) not in (0, len(params)):
         raise ValueError("cpu_step: params, grads, states and kahans do not line up")
@@ -185,12 +204,13 @@ def step(
     for i, (p, g) in enumerate(zip(params, grads)):
         if p.dtype != g.dtype or p.numel() != g.numel() or not (p.is_contiguous() and g.is_contiguous()):
             raise ValueError("cpu_step: parameters and gradients must be contiguous and alike")
-        row = [p.numel(), p.data_ptr(), g.data_ptr(), kahans[i].data_ptr() if kahans else 0, 0, 0, 0, 0, 0, 0]
+        # cpu_step.c's item_t: numel, param, grad, kahan, state[MAX_BUFFERS], absmax[MAX_BUFFERS]
+        row = [p.numel(), p.data_ptr(), g.data_ptr(), kahans[i].data_ptr() if kahans else 0] + [0] * 2 * _MAX_BUFFERS
         tensors = iter(states[i * per_item : (i + 1) * per_item])
         for k, code in enumerate(storage):
             row[4 + k] = next(tensors).data_ptr()
             if code != _STORE_FP32:
-                row[7 + k] = next(tensors).data_ptr()
+                row[4 + _MAX_BUFFERS + k] = next(tensors).data_ptr()
         rows.append(row)
         first_block.append(first_block[-1] + -(-p.numel() // 256))
     items = torch.tensor(rows, dtype=torch.int64)
