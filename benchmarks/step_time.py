@@ -88,10 +88,13 @@ CANDIDATES.update({
     "hf_optim stable_adamw compiled": lambda ps: hf_optim.StableAdamW(ps, lr=1e-3, execution="compiled"),
     "optimi StableAdamW": _optimi("StableAdamW"),
     "hf_optim adan compiled": lambda ps: hf_optim.Adan(ps, lr=1e-3, weight_decay=0.01, execution="compiled"),
+    "hf_optim adan native": lambda ps: hf_optim.Adan(ps, lr=1e-3, weight_decay=0.01, execution="native"),
     "optimi Adan": _optimi("Adan"),
     "hf_optim ranger compiled": lambda ps: hf_optim.Ranger(ps, lr=1e-3, weight_decay=0.01, execution="compiled"),
+    "hf_optim ranger native": lambda ps: hf_optim.Ranger(ps, lr=1e-3, weight_decay=0.01, execution="native"),
     "optimi Ranger": _optimi("Ranger"),
     "hf_optim sgd compiled": lambda ps: hf_optim.SGD(ps, lr=0.1, momentum=0.9, execution="compiled"),
+    "hf_optim sgd native": lambda ps: hf_optim.SGD(ps, lr=0.1, momentum=0.9, execution="native"),
     "torch SGD foreach": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, foreach=True),
 })
 
