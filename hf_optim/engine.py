@@ -10,6 +10,7 @@ codecs (``hf_optim.state``) only store.
 
 from __future__ import annotations
 
+import sys
 import warnings
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
@@ -21,9 +22,11 @@ from torch import Tensor
 from .execution import (
     EXECUTOR,
     KAHAN_KEY,
+    MODES,
     StepConfig,
     StepItem,
     compiler_available,
+    flat_state,
     local_norm,
     working_layout,
     working_state,
@@ -46,13 +49,13 @@ ENGINE_DEFAULTS: dict[str, Any] = {
 }
 #: options that choose how state is stored, not the math: on load, the loading optimizer's win
 STORAGE_OPTIONS = ("state_precision", "min_8bit_size", "fp32_patterns")
-EXECUTIONS = ("auto", "eager", "compiled", "native")
+EXECUTIONS = ("auto", *MODES)
 #: ``execution="auto"`` compiles once the model is big enough to repay compile time
 AUTO_COMPILE_MIN_NUMEL = 1 << 20
 
 
 class Optimizer(torch.optim.Optimizer):
-    """Base of every hf_optim optimizer; a subclass only names its ``rule``.
+    """Base of every hf_optim optimizer; a subclass only names its ``rule`` (``class X(Optimizer, rule=...)``).
 
     Args:
         params: tensors, ``(name, tensor)`` pairs or param-group dicts, as torch.optim takes.
@@ -82,6 +85,16 @@ class Optimizer(torch.optim.Optimizer):
 
     rule: ClassVar[type[UpdateRule]]
 
+    def __init_subclass__(cls, rule: type[UpdateRule] | None = None, **kwargs: Any) -> None:
+        """``class AdamW(Optimizer, rule=rules.AdamW)``: the rule, and (unless the class has its own docstring)
+        the rule module's docstring, which gives the formula and the paper."""
+        super().__init_subclass__(**kwargs)
+        if rule is not None:
+            cls.rule = rule
+            if cls.__doc__ is None:
+                cls.__doc__ = (f"{sys.modules[rule.__module__].__doc__}\nOptions beyond the rule's hyperparameters "
+                               "(execution, placement, state_precision, ...): see ``hf_optim.Optimizer``.\n")
+
     def __init__(
         self,
         params: Iterable[Any],
@@ -105,9 +118,6 @@ class Optimizer(torch.optim.Optimizer):
         if execution not in EXECUTIONS:
             raise ValueError(f"Invalid execution: {execution!r} (allowed: {', '.join(EXECUTIONS)})")
         defaults = {**allowed, **hyperparameters}
-        for key in self.rule.defaults:  # tuples stay tuples, as torch.optim keeps them
-            if isinstance(self.rule.defaults[key], tuple) and isinstance(defaults[key], list):
-                defaults[key] = tuple(defaults[key])
         self.execution = execution
         self.placement = placement
         # paged placement (hf_optim.state.paged): None for "device"; paged_* only with "paged"
@@ -117,12 +127,9 @@ class Optimizer(torch.optim.Optimizer):
         super().__init__(params, defaults)
         if execution == "compiled" and not compiler_available():
             warnings.warn("hf_optim: no C++ compiler or GPU found; the compiled step runs eagerly.", stacklevel=2)
-        if execution == "native":
-            why = native.KERNELS.get(self.rule.name) is None and f"no native kernel for {self.rule.name}"
-            why = why or native.library_error()
-            if why:
-                raise ValueError(f"Invalid execution: 'native' for {cls_name}: {why} "
-                                 f"(native kernels: {', '.join(native.KERNELS)}; or use 'auto' or 'compiled')")
+        why = native.rule_unsupported(self.rule) if execution == "native" else None
+        if why:
+            raise self._native_error(why)
         total = sum(p.numel() for g in self.param_groups for p in g["params"])
         self._compiled = execution == "compiled" or (
             execution == "auto" and total >= AUTO_COMPILE_MIN_NUMEL and compiler_available()
@@ -133,12 +140,12 @@ class Optimizer(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        if isinstance(group.get("betas"), list):
-            group["betas"] = tuple(group["betas"])
-        self._validate_group(group)
+        self._validate_group(self.param_groups[-1])
 
-    def _validate_group(self, group: Mapping[str, Any]) -> None:
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        for key, default in self.rule.defaults.items():  # tuples stay tuples, as torch.optim keeps them
+            if isinstance(default, tuple) and isinstance(group[key], list):
+                group[key] = tuple(group[key])
         self.rule.validate(group)
         if group["state_precision"] not in CODECS:
             raise ValueError(
@@ -204,7 +211,7 @@ class Optimizer(torch.optim.Optimizer):
         for buffer, codec in self._layout(p, name, group):
             state.update(codec.allocate(buffer, local))
             if buffer.kind == "param":  # starts as a copy of the parameter
-                codec.encode(local.detach().reshape(-1).float().clone(), _flat_state(state), buffer)
+                codec.encode(local.detach().reshape(-1).float().clone(), flat_state(state), buffer)
         if self._kahan(p, group):
             state[KAHAN_KEY] = torch.zeros_like(local, memory_format=torch.contiguous_format)
         return state
@@ -220,10 +227,9 @@ class Optimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             scalars = self.rule.scalars(group)
             flags = self._flags(group)
-            # parameters that share a configuration and device run as one bucket
-            buckets: dict[tuple, list[StepItem]] = {}
-            owners: dict[tuple, list[Tensor]] = {}  # the parameters of each bucket, for the pager
-            configs: dict[tuple, StepConfig] = {}  # keyed by id: hashing a config per parameter costs
+            # parameters that share a configuration and device run as one bucket:
+            # (config, mode, step items, their parameters for the pager), keyed by id(config) and device
+            buckets: dict[tuple, tuple[StepConfig, str, list[StepItem], list[Tensor]]] = {}
             for name, p in self._named(group):
                 if p.grad is None:
                     continue
@@ -238,22 +244,21 @@ class Optimizer(torch.optim.Optimizer):
                 config = self._config(p, name, group, flags)
                 key = (id(config), local.device)
                 if key not in buckets:
-                    buckets[key], owners[key], configs[key] = [], [], config
-                if self._mode(config, local.device) == "native" and local.is_contiguous():
+                    buckets[key] = (config, self._mode(config, local.device), [], [])
+                _, mode, items, owners = buckets[key]
+                if mode == "native" and local.is_contiguous() and grad.dtype == local.dtype:
                     # the kernel reads raw storage: no working-layout views to build
-                    buckets[key].append(StepItem(local.detach(), grad.detach(), state, None))
+                    items.append(StepItem(local.detach(), grad.detach(), state, None))
                 else:
-                    buckets[key].append(_flat(local, grad, state, config.block))
-                owners[key].append(p)
-            for key, items in buckets.items():
-                config, device = configs[key], key[1]
+                    items.append(_flat(local, grad, state, config.block))
+                owners.append(p)
+            for (_, device), (config, mode, items, owners) in buckets.items():
                 hp = _as_tensors(scalars, device)
-                mode = self._mode(config, device)  # (cached)
                 if self._pager is None:
                     EXECUTOR.run(mode, config, items, hp)
                 else:  # paged placement: each paged state fetched to the device around its update
                     run = lambda chunk, c=config, hp=hp, m=mode: EXECUTOR.run(m, c, chunk, hp)  # noqa: E731
-                    self._pager.run(owners[key], items, run, self.state)
+                    self._pager.run(owners, items, run, self.state)
         if self._pager is not None:
             self._pager.end_step()
         return loss
@@ -270,12 +275,15 @@ class Optimizer(torch.optim.Optimizer):
                 if why is None:
                     mode = "native"
                 elif self.execution == "native":
-                    raise ValueError(f"Invalid execution: 'native' for {type(self).__name__}: {why} "
-                                     "(use 'auto' to fall back to the compiled step where native does not apply)")
+                    raise self._native_error(why)
                 else:
                     mode = "compiled" if self._compiled else "eager"
             self._modes[key] = mode
         return mode
+
+    def _native_error(self, why: str) -> ValueError:
+        return ValueError(f"Invalid execution: 'native' for {type(self).__name__}: {why} "
+                          f"(native kernels: {', '.join(native.KERNELS)}; 'auto' falls back to compiled or eager)")
 
     def _config(self, p: Tensor, name: str | None, group: Mapping[str, Any], flags: dict[str, Any]) -> StepConfig:
         """The step configuration of one parameter (cached: computed once per group setting)."""
@@ -335,7 +343,7 @@ class Optimizer(torch.optim.Optimizer):
 
         out: dict[str, Tensor] = {"step": state["step"]}
         for buffer, codec in self._layout(p, name, group):
-            out[buffer.name] = shard(codec.decode(_flat_state(state), buffer, local.numel()))
+            out[buffer.name] = shard(codec.decode(flat_state(state), buffer, local.numel()))
         if KAHAN_KEY in state:
             out[KAHAN_KEY] = shard(state[KAHAN_KEY])
         return out
@@ -369,8 +377,6 @@ class Optimizer(torch.optim.Optimizer):
             merged["params"] = group["params"]
             if "param_names" in group:
                 merged["param_names"] = group["param_names"]
-            if isinstance(merged.get("betas"), list):
-                merged["betas"] = tuple(merged["betas"])
             self._validate_group(merged)
             new_groups.append(merged)
             for (name, p), saved_id in zip(self._named(merged), saved_group["params"], strict=True):
@@ -409,13 +415,13 @@ class Optimizer(torch.optim.Optimizer):
                     state[key] = saved[key].to(local.device).clone()
             else:
                 on_device = {k: saved[k].to(local.device) for k in saved_codec.keys(buffer)}
-                value = saved_codec.decode(_flat_state(on_device), buffer, local.numel())
+                value = saved_codec.decode(flat_state(on_device), buffer, local.numel())
                 if value.numel() != local.numel():
                     raise ValueError(
                         f"loaded state for {name}: {buffer.name!r} has {value.numel()} elements, "
                         f"the parameter has {local.numel()}"
                     )
-                codec.encode(value.clone(), _flat_state(state), buffer)
+                codec.encode(value.clone(), flat_state(state), buffer)
         if KAHAN_KEY in state and KAHAN_KEY in saved:
             state[KAHAN_KEY] = saved[KAHAN_KEY].to(device=local.device, dtype=local.dtype).clone()
         return state
@@ -488,10 +494,6 @@ def _flat(p: Tensor, g: Tensor, state: Mapping[str, Tensor], block: int | None) 
         return StepItem(p.view(shape), g.reshape(shape), working_state(state, shape), None)
     return StepItem(p.reshape(shape).clone(), g.reshape(shape), working_state(state, shape), p)
 
-
-def _flat_state(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """1-D views of every state tensor but the 0-d step (codecs' layout for whole-tensor work)."""
-    return {k: v if v.dim() == 1 or k == "step" else v.view(-1) for k, v in state.items()}
 
 
 def _as_tensors(scalars: Mapping[str, Any], device: torch.device) -> dict[str, Tensor]:

@@ -49,14 +49,14 @@ def make_step(
 ) -> StepFn:
     """The step for one configuration: ``fn(p, g, stored, hp)`` updates in place.
 
-    ``stored`` is the parameter's state dict (``step`` plus each codec's
-    tensors, flattened); ``p`` and ``g`` are 1-D and share a layout.
+    ``stored`` is the parameter's state dict (``step``, already advanced to this
+    step by ``Executor.run``, plus each codec's tensors in the working layout);
+    ``p`` and ``g`` share that layout.
     """
     low_precision = param_dtype != torch.float32
 
     def step_fn(p: Tensor, g: Tensor, stored: dict[str, Tensor], hp: dict[str, Tensor]) -> None:
         step = stored["step"]
-        step.add_(1)
         p32 = p.float()
         if kahan:
             p32 = p32 + stored[KAHAN_KEY].float()
@@ -92,11 +92,6 @@ class StepConfig(NamedTuple):
         """The block of a block-wise codec among the buffers', if any (see ``working_state``)."""
         return next((codec.block for _, codec in self.codecs if codec.block), None)
 
-    @property
-    def key(self) -> tuple:
-        return (self.rule, tuple((b, c.name) for b, c in self.codecs), self.flags, self.param_dtype, self.kahan,
-                self.norm)
-
 
 def working_layout(p: Tensor, block: int | None) -> tuple[int, ...]:
     """The shape a parameter is stepped in: (rows, block) when a block-wise codec's
@@ -127,30 +122,28 @@ def working_state(state: Mapping[str, Tensor], shape: tuple[int, ...]) -> dict[s
     return out
 
 
+def flat_state(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """1-D views of every state tensor but the 0-d step (codecs' layout for whole-tensor work)."""
+    return {k: v if v.dim() == 1 or k == "step" else v.view(-1) for k, v in state.items()}
+
+
 #: rows (of a block-wise codec's 256) per compiled call when an elementwise rule steps a
 #: large parameter: the fused 8-bit step keeps fp32 temporaries, and at 2 MiB a chunk
 #: they stay in cache (8M-element tensors stepped whole ran ~2-4x slower per element)
 CHUNK_ROWS = 2048
 
 
-def row_chunks(item: StepItem, rows: int = 0) -> list[StepItem]:
-    """Split a (rows, block) working item into row chunks stepped as separate items.
-
-    Every chunk but the first gets a copy of the step counter taken before any
-    runs, so the parameter's counter advances exactly once.
-    """
-    rows = rows or CHUNK_ROWS
+def row_chunks(item: StepItem) -> list[StepItem]:
+    """Split a (rows, block) working item into row chunks stepped as separate items
+    (they share the step counter, which ``Executor.run`` advances before any runs)."""
     total = item.p.shape[0]
-    if item.p.dim() != 2 or total <= rows or item.writeback is not None:
+    if item.p.dim() != 2 or total <= CHUNK_ROWS or item.writeback is not None:
         return [item]
     chunks = []
-    for index, start in enumerate(range(0, total, rows)):
-        end = min(start + rows, total)
-        state = {
-            key: (value if index == 0 else value.clone()) if key == "step" else value[start:end]
-            for key, value in item.state.items()
-        }
-        chunks.append(StepItem(item.p[start:end], item.g[start:end], state, None))
+    for start in range(0, total, CHUNK_ROWS):
+        rows = slice(start, start + CHUNK_ROWS)
+        state = {key: value if key == "step" else value[rows] for key, value in item.state.items()}
+        chunks.append(StepItem(item.p[rows], item.g[rows], state, None))
     return chunks
 
 
@@ -168,7 +161,7 @@ class StepItem(NamedTuple):
 BUCKET_SIZES = (8, 4, 2, 1)
 
 
-#: how a bucket is stepped (``Optimizer(execution=...)`` picks one per bucket)
+#: how a bucket is stepped (``Optimizer(execution=...)`` picks one per bucket, or "auto")
 MODES = ("eager", "compiled", "native")
 
 
@@ -176,40 +169,46 @@ class Executor:
     """Runs buckets of parameter steps: eagerly, through cached compiled graphs, or natively."""
 
     def __init__(self) -> None:
-        self._eager: dict[tuple, StepFn] = {}
-        self._compiled: dict[tuple, Callable[..., None]] = {}
+        self._eager: dict[StepConfig, StepFn] = {}
+        self._compiled: dict[StepConfig, Callable[..., None]] = {}
         self._traced: set[tuple] = set()
         self._compile_failed = False
 
     def run(self, mode: str, config: StepConfig, items: list[StepItem], hp: dict[str, Tensor]) -> None:
-        key = config.key
-        eager = self._eager.get(key)
+        # every parameter's counter advances once, here, before its step (or its row chunks) runs
+        torch._foreach_add_([item.state["step"] for item in items], 1)
+        eager = self._eager.get(config)
         if eager is None:
-            eager = self._eager[key] = make_step(
+            eager = self._eager[config] = make_step(
                 config.rule, config.codecs, dict(config.flags), config.param_dtype, config.kahan, config.norm
             )
         if mode == "native":
             _run_native(config, items, hp, eager)
-        elif mode == "compiled" and not self._compile_failed:
-            if config.rule.elementwise:
-                items = [chunk for item in items for chunk in row_chunks(item)]
-            bucket_fn = self._compiled.get(key)
+            return self._write_back(items)
+        if config.rule.elementwise:
+            items = [chunk for item in items for chunk in row_chunks(item)]
+        start = 0
+        if mode == "compiled":
+            bucket_fn = self._compiled.get(config)
             if bucket_fn is None:
-                bucket_fn = self._compiled[key] = _compile_buckets(eager)
-            start = 0
+                bucket_fn = self._compiled[config] = _compile_buckets(eager)
             for size in BUCKET_SIZES:
-                while len(items) - start >= size:
-                    chunk = items[start : start + size]
-                    self._call_compiled(bucket_fn, eager, chunk, hp)
+                while len(items) - start >= size and self._call_compiled(bucket_fn, items[start : start + size], hp):
                     start += size
-        else:
-            for item in items:
-                eager(item.p, item.g, item.state, hp)
+        for item in items[start:]:  # eager, or what a failed compilation left
+            eager(item.p, item.g, item.state, hp)
+        self._write_back(items)
+
+    @staticmethod
+    def _write_back(items: list[StepItem]) -> None:
         for item in items:  # (row chunks never have a writeback)
             if item.writeback is not None:
                 item.writeback.copy_(item.p.view_as(item.writeback))
 
-    def _call_compiled(self, bucket_fn, eager: StepFn, chunk: list[StepItem], hp: dict[str, Tensor]) -> None:
+    def _call_compiled(self, bucket_fn, chunk: list[StepItem], hp: dict[str, Tensor]) -> bool:
+        """Run one compiled bucket; False (and nothing run) once compilation has failed."""
+        if self._compile_failed:
+            return False
         ps, gs, states = [i.p for i in chunk], [i.g for i in chunk], [i.state for i in chunk]
         # what makes dynamo trace anew: the bucket size and size-1 (specialized) tensors
         signature = (id(bucket_fn), tuple((p.dim(), p.numel() == 1) for p in ps))
@@ -229,32 +228,26 @@ class Executor:
                 RuntimeWarning,
                 stacklevel=4,
             )
-            for p, g, state in zip(ps, gs, states):
-                eager(p, g, state, hp)
+            return False
+        return True
 
 
 def _run_native(config: StepConfig, items: list[StepItem], hp: dict[str, Tensor], eager: StepFn) -> None:
     """One kernel call per distinct step count (usually one): the coefficients depend on it."""
     flags = dict(config.flags)
-    kernel = native.KERNELS[config.rule.name]
     odd = [item for item in items if item.g.dtype != item.p.dtype]  # e.g. fp32 grads of bf16 params
     for item in odd:
         eager(item.p, item.g, item.state, hp)
     items = [item for item in items if item.g.dtype == item.p.dtype]
     if not items:
         return
-    steps = [item.state["step"] for item in items]
-    torch._foreach_add_(steps, 1)
     by_step: dict[float, list[StepItem]] = {}
-    for item, value in zip(items, torch.stack(steps).tolist()):
+    for item, value in zip(items, torch.stack([item.state["step"] for item in items]).tolist()):
         by_step.setdefault(value, []).append(item)
     storage = [native.storage_code(buffer, codec) for buffer, codec in config.codecs]
     keys = [key for buffer, codec in config.codecs for key in codec.keys(buffer)]
     for group in by_step.values():
-        c = config.rule.coefficients(hp, group[0].state["step"], flags)
-        if tuple(c) != kernel.coefficients:
-            raise RuntimeError(f"{config.rule.name}.coefficients returns {tuple(c)}, the native kernel reads "
-                               f"{kernel.coefficients}: update hf_optim/kernels together with the rule")
+        c = config.rule.coefficients(hp, group[0].state["step"], flags)  # in the order the kernel reads
         params = [item.p for item in group]
         # the operator's body, without its per-tensor dispatch (~8 us a tensor); parameters are
         # still version-bumped, as in-place ops would, so autograd sees they changed

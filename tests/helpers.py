@@ -38,6 +38,23 @@ def set_grads(params, seed: int) -> None:
         p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
 
 
+def lockstep(ref_opt, ours_opt, ref_params, our_params, steps: int = 20, seed: int = 0) -> None:
+    """Step a reference optimizer and ours on the same gradients (cast to our params' dtype)."""
+    for step in range(steps):
+        set_grads(ref_params, seed + step)
+        for r, o in zip(ref_params, our_params):
+            o.grad = r.grad.clone().to(o.dtype)
+        ref_opt.step()
+        ours_opt.step()
+
+
+def assert_compiled() -> None:
+    """The compiled path really compiled: no missing compiler, no fallback to eager after a failure."""
+    from hf_optim.execution import EXECUTOR, compiler_available
+
+    assert compiler_available() and not EXECUTOR._compile_failed
+
+
 def roundtrip(state_dict: dict) -> dict:
     """Save and load through torch.save / torch.load(weights_only=True)."""
     buf = io.BytesIO()

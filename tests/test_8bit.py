@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from helpers import roundtrip, tiny_bert, tiny_dataset
+from helpers import assert_compiled, roundtrip, tiny_bert, tiny_dataset
 
 import hf_optim
 from hf_optim.state import FP32
@@ -59,8 +59,6 @@ def test_state_is_quantized_and_measured_bytes_per_param():
 
 
 def test_lion_8bit_bytes_per_param():
-    if not hasattr(hf_optim, "Lion"):
-        pytest.skip("hf_optim.Lion not registered yet")
     p = torch.nn.Parameter(torch.randn(512, 1024))
     opt = hf_optim.Lion([p], state_precision="8bit", execution="eager")
     p.grad = torch.randn_like(p)
@@ -117,6 +115,7 @@ def test_compiled_equals_eager():
                 assert (value != other).float().mean() < 1e-3, key
             else:
                 torch.testing.assert_close(value, other, atol=1e-6, rtol=1e-5)
+    assert_compiled()
 
 
 def test_save_load_lockstep_is_exact_with_weights_only():

@@ -6,20 +6,11 @@ import copy
 
 import pytest
 import torch
-from helpers import quadratic_params, set_grads
+from helpers import assert_compiled, lockstep, quadratic_params, set_grads
 
 import hf_optim
 
 HP = {"lr": 1e-2, "betas": (0.8, 0.95), "eps": 1e-6, "weight_decay": 0.1}
-
-
-def run_lockstep(ref_opt, ours_opt, ref_params, our_params, steps: int = 20, seed: int = 0) -> None:
-    for step in range(steps):
-        set_grads(ref_params, seed + step)
-        for r, o in zip(ref_params, our_params):
-            o.grad = r.grad.clone().to(o.dtype)
-        ref_opt.step()
-        ours_opt.step()
 
 
 @pytest.mark.parametrize("amsgrad", [False, True])
@@ -29,7 +20,7 @@ def test_parity_with_torch_adamw_fp32(amsgrad, maximize):
     ours = [p.detach().clone().requires_grad_() for p in ref]
     ref_opt = torch.optim.AdamW(ref, amsgrad=amsgrad, maximize=maximize, foreach=False, **HP)
     ours_opt = hf_optim.AdamW(ours, amsgrad=amsgrad, maximize=maximize, execution="eager", **HP)
-    run_lockstep(ref_opt, ours_opt, ref, ours)
+    lockstep(ref_opt, ours_opt, ref, ours)
     for r, o in zip(ref, ours):
         torch.testing.assert_close(o, r, atol=1e-6, rtol=1e-5)
         for key in ("exp_avg", "exp_avg_sq", "step") + (("max_exp_avg_sq",) if amsgrad else ()):
@@ -44,7 +35,7 @@ def test_bf16_params_track_fp32_reference_and_kahan_helps():
         ref_copy = [p.detach().float().requires_grad_() for p in ours]  # same starting values
         hp = {**HP, "lr": 1e-4}
         opt = hf_optim.AdamW(ours, kahan_sum=kahan, execution="eager", **hp)
-        run_lockstep(torch.optim.AdamW(ref_copy, foreach=False, **hp), opt, ref_copy, ours, steps=30)
+        lockstep(torch.optim.AdamW(ref_copy, foreach=False, **hp), opt, ref_copy, ours, steps=30)
         runs[kahan] = (ours[0].float() - ref_copy[0].bfloat16().float()).abs().mean().item()
         if kahan:
             torch.testing.assert_close(ours[0].float(), ref_copy[0], atol=1e-3, rtol=1e-2)
@@ -70,6 +61,7 @@ def test_compiled_equals_eager_with_zero_dim_none_grad_and_unfrozen_param():
         for key, value in opts["eager"].state[e].items():
             torch.testing.assert_close(opts["compiled"].state[c][key], value, atol=1e-6, rtol=1e-5)
     assert opts["compiled"].state[params["compiled"][2]]["step"].item() == 4
+    assert_compiled()
 
 
 def test_changing_lr_and_betas_does_not_recompile():
@@ -86,6 +78,7 @@ def test_changing_lr_and_betas_does_not_recompile():
         opt.param_groups[0]["betas"] = (0.9 - step * 0.01, 0.99)
         opt.step()
     assert counters["stats"].get("unique_graphs", 0) == before.get("unique_graphs", 0)
+    assert_compiled()
 
 
 def test_non_contiguous_param_matches_contiguous():
@@ -107,7 +100,7 @@ def test_tensor_lr_equals_float_lr():
     b = [p.detach().clone().requires_grad_() for p in a]
     oa = hf_optim.AdamW(a, execution="eager", **HP)
     ob = hf_optim.AdamW(b, execution="eager", **{**HP, "lr": torch.tensor(HP["lr"])})
-    run_lockstep(oa, ob, a, b, steps=5)
+    lockstep(oa, ob, a, b, steps=5)
     for x, y in zip(a, b):
         assert torch.equal(x, y)
 

@@ -21,8 +21,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import hf_optim
-
 ROOT = Path(__file__).resolve().parent.parent
 DIST = ROOT / "tests" / "dist"
 sys.path.insert(0, str(DIST))
@@ -34,10 +32,6 @@ DDP_NAMES = ("adamw_8bit", "lamb")
 FSDP_NAMES = ("adamw", "adamw_8bit", "lamb")
 FSDP_STEPS = 6
 TIMEOUT = 400
-
-
-def _registered(names: tuple[str, ...]) -> list[str]:
-    return [name for name in names if hf_optim.registry.resolve_quietly(name)]
 
 
 def _free_port() -> int:
@@ -59,33 +53,24 @@ def _launch(cmd: list[str], out: Path) -> list[dict]:
     return results
 
 
-def _need(name: str, launched: list[str]) -> None:
-    if name not in launched:
-        pytest.skip(f"optim={name!r} is not registered yet")
-
-
 # --- DDP: hf_optim.Trainer under accelerate launch ----------------------------------------
 
 
 @pytest.fixture(scope="module")
 def ddp_results(tmp_path_factory):
-    names = _registered(DDP_NAMES)
-    if not names:
-        pytest.skip(f"none of {DDP_NAMES} registered yet")
     out = tmp_path_factory.mktemp("ddp")
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch",
         "--config_file", str(ROOT / "recipes" / "accelerate" / "ddp.yaml"),
         "--main_process_port", str(_free_port()),
-        str(DIST / "ddp_worker.py"), str(out), *names,
+        str(DIST / "ddp_worker.py"), str(out), *DDP_NAMES,
     ]
-    return names, _launch(cmd, out)
+    return _launch(cmd, out)
 
 
 @pytest.mark.parametrize("name", DDP_NAMES)
 def test_ddp_two_ranks_train_identically(ddp_results, name):
-    names, (r0, r1) = ddp_results
-    _need(name, names)
+    r0, r1 = ddp_results
     for r in (r0, r1):  # the Trainer itself saw both processes (not two lone runs)
         assert r["num_processes"] == 2 and r["backend"] == "gloo", (r["num_processes"], r["backend"])
     run0, run1 = r0["runs"][name], r1["runs"][name]
@@ -103,16 +88,13 @@ def test_ddp_two_ranks_train_identically(ddp_results, name):
 
 @pytest.fixture(scope="module")
 def fsdp_results(tmp_path_factory):
-    names = _registered(FSDP_NAMES)
-    if not names:
-        pytest.skip(f"none of {FSDP_NAMES} registered yet")
     out = tmp_path_factory.mktemp("fsdp")
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
         "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-        str(DIST / "fsdp_worker.py"), str(out), str(FSDP_STEPS), *names,
+        str(DIST / "fsdp_worker.py"), str(out), str(FSDP_STEPS), *FSDP_NAMES,
     ]
-    return names, _launch(cmd, out)
+    return _launch(cmd, out)
 
 
 def _assert_matches(name: str, key: str, ref: torch.Tensor, got: torch.Tensor) -> None:
@@ -131,8 +113,7 @@ def _assert_matches(name: str, key: str, ref: torch.Tensor, got: torch.Tensor) -
 
 @pytest.mark.parametrize("name", FSDP_NAMES)
 def test_fsdp2_matches_single_process(fsdp_results, name):
-    names, (r0, r1) = fsdp_results
-    _need(name, names)
+    r0, r1 = fsdp_results
     run0, run1 = r0["runs"][name], r1["runs"][name]
     # uneven shards: 63 rows over 2 ranks
     assert run0["local_shapes"]["0.weight"] == (32, 128) and run1["local_shapes"]["0.weight"] == (31, 128)
@@ -148,8 +129,7 @@ def test_fsdp2_matches_single_process(fsdp_results, name):
 
 @pytest.mark.parametrize("name", FSDP_NAMES)
 def test_fsdp2_distributed_checkpoint_round_trip(fsdp_results, name):
-    names, results = fsdp_results
-    _need(name, names)
+    results = fsdp_results
     for r in results:
         dcp = r["dcp"][name]
         assert "error" not in dcp, dcp.get("error")

@@ -138,19 +138,9 @@ def test_state_dict_lockstep_is_exact_and_loads_weights_only():
 
 
 def test_loads_a_torch_adamw_checkpoint_and_continues_identically():
-    ref_params = [p.requires_grad_() for p in quadratic_params()]
-    ref = torch.optim.AdamW(ref_params, lr=1e-2, weight_decay=0.1, foreach=False)
-    for step in range(5):
-        set_grads(ref_params, step)
-        ref.step()
-    ours_params = [p.detach().clone().requires_grad_() for p in ref_params]
-    ours = make(ours_params)
-    ours.load_state_dict(roundtrip(ref.state_dict()))
-    for step in range(5, 10):
-        set_grads(ref_params, step)
-        set_grads(ours_params, step)
-        ref.step()
-        ours.step()
+    ref_params, ours_params, _, _ = _lockstep_after_reload(
+        lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, foreach=False), make
+    )
     for x, y in zip(ref_params, ours_params):
         torch.testing.assert_close(y, x, atol=1e-6, rtol=1e-5)
 

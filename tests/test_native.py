@@ -233,6 +233,33 @@ def test_torch_library_operator_passes_opcheck():
     torch.library.opcheck(torch.ops.hf_optim.cpu_step.default, args)
 
 
+@pytest.mark.parametrize("precision", ["8bit", "fp32"])
+def test_gradients_of_another_dtype_than_the_parameter_step_as_eager_does(precision):
+    # e.g. fp32 gradients of bf16 parameters: the kernel takes matching dtypes only, so these run eagerly
+    options = {"state_precision": precision, **({"min_8bit_size": 0} if precision == "8bit" else {})}
+    results = []
+    for execution in ("eager", "native"):
+        p = torch.nn.Parameter(torch.randn(64, 64, generator=torch.Generator().manual_seed(0)).bfloat16())
+        p.grad_dtype = torch.float32  # torch's opt-in to gradients of another dtype
+        opt = hf_optim.AdamW([p], execution=execution, **options, **ADAMW_HP)
+        for step in range(3):
+            p.grad = torch.randn(64, 64, generator=torch.Generator().manual_seed(step + 1))  # fp32
+            opt.step()
+        results.append(p.detach().clone())
+    assert torch.equal(*results)
+
+
+@pytest.mark.parametrize("name", sorted(native.KERNELS))
+def test_each_rule_returns_its_coefficients_in_the_order_its_kernel_reads(name):
+    from itertools import product
+
+    rule = hf_optim.get_spec(name).load_class().rule
+    hp = {key: torch.tensor(value) for key, value in rule.scalars(rule.defaults).items()}
+    for values in product((False, True), repeat=len(rule.flag_names)):  # every flag setting
+        flags = dict(zip(sorted(rule.flag_names), values))
+        assert tuple(rule.coefficients(hp, torch.tensor(3.0), flags)) == native.KERNELS[name].coefficients
+
+
 # --- the engine's choice, and errors ----------------------------------------------------------
 
 

@@ -14,7 +14,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import quadratic_params, set_grads
+from helpers import assert_compiled, lockstep, quadratic_params, set_grads
 
 import hf_optim
 
@@ -24,15 +24,6 @@ SHAPES = ((10, 5), (10,), (3, 4, 2), ())
 
 def clones(ref):
     return [p.detach().clone().requires_grad_() for p in ref]
-
-
-def lockstep(ref_opt, ours_opt, ref, ours, steps: int = 20, seed: int = 0) -> None:
-    for step in range(steps):
-        set_grads(ref, seed + step)
-        for r, o in zip(ref, ours):
-            o.grad = r.grad.clone()
-        ref_opt.step()
-        ours_opt.step()
 
 
 def assert_params(ref, ours) -> None:
@@ -265,6 +256,8 @@ def test_no_hidden_gradient_clipping_in_lamb_and_lars():
     lars_1d_small = results[("LARS", 1.0)][1] - start
     lars_1d_big = results[("LARS", 1000.0)][1] - start
     torch.testing.assert_close(lars_1d_big, lars_1d_small * 1000.0)  # the bias takes the raw SGD step
+    for i in (0, 1):  # LAMB: the matrix by its trust ratio, the excluded bias by Adam's own normalization
+        torch.testing.assert_close(results[("LAMB", 1.0)][i], results[("LAMB", 1000.0)][i])
 
 
 # --- compiled == eager ---------------------------------------------------------------------------
@@ -299,6 +292,7 @@ def test_compiled_equals_eager(name):
         for key, value in opts["eager"].state[e].items():
             torch.testing.assert_close(opts["compiled"].state[c][key], value, **TOL)
     assert opts["compiled"].state[params["compiled"][0]]["step"].item() == 6
+    assert_compiled()
 
 
 # --- guidance -----------------------------------------------------------------------------------
@@ -306,8 +300,9 @@ def test_compiled_equals_eager(name):
 
 def test_lion_warns_for_adamw_sized_lr_and_weight_decay():
     p = [torch.zeros(3, requires_grad=True)]
-    with pytest.warns(UserWarning, match=r"lr=0\.001, an AdamW-sized learning rate.*3-10x less"):
+    with pytest.warns(UserWarning, match=r"lr=0\.001, an AdamW-sized learning rate.*3-10x less") as record:
         hf_optim.Lion(p, lr=1e-3, weight_decay=0.1)
+    assert record[0].filename == __file__  # points at the caller's line, not into hf_optim or torch
     with pytest.warns(UserWarning, match=r"weight_decay=0\.01, an AdamW-sized value.*0\.03-0\.1"):
         hf_optim.Lion(p, lr=1e-4, weight_decay=0.01)
     with warnings.catch_warnings():

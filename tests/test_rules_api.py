@@ -201,3 +201,13 @@ def test_registry_names_and_transformers_aliases():
         assert spec.load_class() is cls and spec.state_precision == "fp32"
     assert hf_optim.get_spec("paged_lion_32bit").placement == "paged"
     assert hf_optim.SGD.rule.defaults["lr"] == torch.optim.SGD([torch.zeros(1)]).defaults["lr"]
+
+
+def test_every_optimizer_class_documents_its_rule():
+    # help(hf_optim.AdamW) shows the rule module's formula and paper, then where the engine options are
+    import sys
+
+    for cls in (hf_optim.AdamW, hf_optim.Lion, hf_optim.LAMB, hf_optim.LARS, hf_optim.StableAdamW, hf_optim.Adan,
+                hf_optim.Ranger, hf_optim.SGD):
+        module_doc = sys.modules[cls.rule.__module__].__doc__
+        assert module_doc and cls.__doc__.startswith(module_doc) and "hf_optim.Optimizer" in cls.__doc__, cls

@@ -1,4 +1,4 @@
-"""The native CPU step: ``cpu_step.c`` built once with the system C compiler, run through torch.library.
+"""The native CPU step: ``cpu_step.c``, built once with the system C compiler.
 
 ``execution="native"`` (and ``"auto"`` on CPU, where it applies) steps a bucket
 of parameters with one call into ``cpu_step.c``: decode -> rule -> encode per
@@ -7,12 +7,14 @@ kernel covers the rules in ``KERNELS`` (AdamW, Lion, SGD, Adan, Ranger) with
 fp32 or 8-bit state and fp32 or bf16 parameters; anything else runs compiled
 or eagerly.
 
-The shared library is built on first use with ``-O3 -march=native`` (about a
+The shared library is built on first use with ``-O3 -march=native`` (under a
 second) and cached under ``$HF_OPTIM_CACHE`` (default ``~/.cache/hf_optim``)
 by a hash of the source, flags, compiler and CPU, so it matches the machine it
-runs on. It is loaded with ctypes and reached through the custom operator
-``torch.ops.hf_optim.cpu_step`` (with a fake implementation, so a compiled
-graph can hold it); it links the OpenMP runtime torch already loaded.
+runs on; it is loaded with ctypes and links the OpenMP runtime torch already
+loaded. ``step`` is the whole interface. It is also registered as the torch
+operator ``torch.ops.hf_optim.cpu_step`` (with a fake implementation), so a
+compiled graph or other torch code can hold it; the engine calls ``step``
+directly, skipping the operator's per-tensor dispatch.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from torch import Tensor
 
 from ..rules.base import Buffer, UpdateRule
 from ..state.base import StateCodec
-from ..state.blockwise import BlockwiseCodec
+from ..state.blockwise import BLOCK, BlockwiseCodec
 from ..state.dense import DenseCodec
 
 SOURCE = Path(__file__).with_name("cpu_step.c")
@@ -103,9 +105,10 @@ def unsupported(rule: type[UpdateRule], codecs: Sequence[tuple[Buffer, StateCode
     """Why this configuration cannot run natively, or None when it can."""
     if device.type != "cpu":
         return f"the native kernel runs on CPU, not {device.type}"
-    kernel = KERNELS.get(rule.name)
-    if kernel is None:
-        return f"no native kernel for {rule.name} (native: {', '.join(KERNELS)})"
+    why = rule_unsupported(rule)
+    if why:
+        return why
+    kernel = KERNELS[rule.name]
     extra = sorted(name for name, value in flags.items() if value and name not in kernel.flags)
     if extra:
         return f"the native {rule.name} kernel has no {', '.join(extra)}"
@@ -114,6 +117,13 @@ def unsupported(rule: type[UpdateRule], codecs: Sequence[tuple[Buffer, StateCode
     for buffer, codec in codecs:
         if storage_code(buffer, codec) is None:
             return f"native kernels store state as fp32 or 8bit, not {codec.name} ({buffer.name})"
+    return None
+
+
+def rule_unsupported(rule: type[UpdateRule]) -> str | None:
+    """Why ``rule`` has no usable native kernel here (none written, or no library), or None."""
+    if rule.name not in KERNELS:
+        return f"no native kernel for {rule.name}"
     return library_error()
 
 
@@ -212,7 +222,7 @@ def step(
             if code != _STORE_FP32:
                 row[4 + _MAX_BUFFERS + k] = next(tensors).data_ptr()
         rows.append(row)
-        first_block.append(first_block[-1] + -(-p.numel() // 256))
+        first_block.append(first_block[-1] + -(-p.numel() // BLOCK))
     items = torch.tensor(rows, dtype=torch.int64)
     blocks = torch.tensor(first_block, dtype=torch.int64)
     codes = (ctypes.c_int * max(len(storage), 1))(*storage)

@@ -27,10 +27,6 @@ from .base import (
     Buffer,
     NormFn,
     UpdateRule,
-    check_betas,
-    check_eps,
-    check_lr,
-    check_weight_decay,
     moment_coefficients,
     update_moments,
 )
@@ -54,13 +50,6 @@ class AdamW(UpdateRule):
     def buffers(cls, flags: Mapping[str, Any]) -> tuple[Buffer, ...]:
         moments = (Buffer("exp_avg", "signed"), Buffer("exp_avg_sq", "unsigned"))
         return moments + ((Buffer("max_exp_avg_sq", "unsigned"),) if flags["amsgrad"] else ())
-
-    @classmethod
-    def validate(cls, group: Mapping[str, Any]) -> None:
-        check_lr(group["lr"])
-        check_eps(group["eps"])
-        check_betas(group["betas"])
-        check_weight_decay(group["weight_decay"])
 
     @staticmethod
     def coefficients(hp: Mapping[str, Tensor], step: Tensor, flags: Mapping[str, Any]) -> dict[str, Tensor]:

@@ -33,7 +33,7 @@ from typing import Any
 
 from torch import Tensor
 
-from .base import Buffer, NormFn, UpdateRule, check_betas, check_eps, check_lr, check_weight_decay
+from .base import Buffer, NormFn, UpdateRule, moment_coefficients
 
 
 class Adan(UpdateRule):
@@ -51,23 +51,13 @@ class Adan(UpdateRule):
             Buffer("prev_grad", "signed"),
         )
 
-    @classmethod
-    def validate(cls, group: Mapping[str, Any]) -> None:
-        check_lr(group["lr"])
-        check_eps(group["eps"])
-        check_betas(group["betas"], count=3)
-        check_weight_decay(group["weight_decay"])
-
     @staticmethod
     def coefficients(hp: Mapping[str, Tensor], step: Tensor, flags: Mapping[str, Any]) -> dict[str, Tensor]:
         lr, beta1, beta2, beta3 = hp["lr"], hp["beta1"], hp["beta2"], hp["beta3"]
         return {
             "lr": lr,
             "inv_decay": 1 / (1 + lr * hp["weight_decay"]),
-            "beta1": beta1,
-            "one_minus_beta1": 1 - beta1,
-            "beta2": beta2,
-            "one_minus_beta2": 1 - beta2,
+            **moment_coefficients(beta1, beta2),
             "beta3": beta3,
             "one_minus_beta3": 1 - beta3,
             "inv_bias_correction1": 1 / (1 - beta1**step),

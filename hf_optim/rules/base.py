@@ -22,8 +22,11 @@ options (booleans such as ``amsgrad``) arrive in ``flags``.
 from __future__ import annotations
 
 import math
+import sys
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -72,8 +75,20 @@ class UpdateRule:
 
     @classmethod
     def validate(cls, group: Mapping[str, Any]) -> None:
-        """Raise ``ValueError`` in PyTorch's wording for an invalid value."""
+        """Raise ``ValueError`` in PyTorch's wording for an invalid value.
+
+        Checks what every rule shares, as its ``defaults`` and ``flag_names`` declare them
+        (lr, eps, betas, weight decay, boolean flags); a rule with more calls this first.
+        """
         check_lr(group["lr"])
+        if "eps" in cls.defaults:
+            check_eps(group["eps"])
+        if "betas" in cls.defaults:
+            check_betas(group["betas"], count=len(cls.defaults["betas"]))
+        if "weight_decay" in cls.defaults:
+            check_weight_decay(group["weight_decay"])
+        for name in sorted(cls.flag_names):
+            check_flag(name, group[name])
 
     @classmethod
     def scalars(cls, group: Mapping[str, Any]) -> dict[str, float]:
@@ -108,6 +123,19 @@ class UpdateRule:
 
 
 # --- validation helpers, worded as torch.optim words them -------------------------
+
+
+#: frames in these folders are not the user's: a warning points past them
+_LIBRARY_DIRS = (str(Path(__file__).resolve().parents[1]), str(Path(torch.__file__).resolve().parent))
+
+
+def warn_user(message: str, category: type[Warning] = UserWarning) -> None:
+    """Warn at the first caller outside hf_optim and torch, however deep the check ran
+    (construction, ``add_param_group``, ``load_state_dict``)."""
+    frame, level = sys._getframe(1), 2
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_LIBRARY_DIRS):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)
 
 
 def _as_float(value: Any) -> float:
@@ -170,6 +198,12 @@ def update_moments(g: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, c: Mapping[st
     """Adam's two moments, in place: ``m <- b1 m + (1-b1) g``, ``v <- b2 v + (1-b2) g^2``."""
     exp_avg.mul_(c["beta1"]).add_(g * c["one_minus_beta1"])
     exp_avg_sq.mul_(c["beta2"]).add_(g * g * c["one_minus_beta2"])
+
+
+def trust_ratio(numerator: Tensor, denominator: Tensor, coefficient: Tensor | float = 1.0) -> Tensor:
+    """LAMB's and LARS's layer-wise ``coefficient * numerator / denominator``, and 1 where either norm is zero."""
+    ok = (numerator > 0) & (denominator > 0)
+    return torch.where(ok, coefficient * numerator / torch.where(ok, denominator, 1.0), 1.0)
 
 
 def global_mean_sqrt(x: Tensor, norm: NormFn) -> Tensor:

@@ -46,20 +46,10 @@ from .base import (
     Buffer,
     NormFn,
     UpdateRule,
-    check_betas,
-    check_eps,
-    check_flag,
-    check_lr,
-    check_weight_decay,
     moment_coefficients,
+    trust_ratio,
     update_moments,
 )
-
-
-def trust_ratio(numerator: Tensor, denominator: Tensor) -> Tensor:
-    """``numerator / denominator``, and 1 where either is zero."""
-    ok = (numerator > 0) & (denominator > 0)
-    return torch.where(ok, numerator / torch.where(ok, denominator, 1.0), 1.0)
 
 
 class LAMB(UpdateRule):
@@ -79,15 +69,6 @@ class LAMB(UpdateRule):
     @classmethod
     def buffers(cls, flags: Mapping[str, Any]) -> tuple[Buffer, ...]:
         return (Buffer("exp_avg", "signed"), Buffer("exp_avg_sq", "unsigned"))
-
-    @classmethod
-    def validate(cls, group: Mapping[str, Any]) -> None:
-        check_lr(group["lr"])
-        check_eps(group["eps"])
-        check_betas(group["betas"])
-        check_weight_decay(group["weight_decay"])
-        check_flag("bias_correction", group["bias_correction"])
-        check_flag("exclude_bias_and_norm", group["exclude_bias_and_norm"])
 
     @staticmethod
     def coefficients(hp: Mapping[str, Tensor], step: Tensor, flags: Mapping[str, Any]) -> dict[str, Tensor]:

@@ -35,11 +35,9 @@ from .base import (
     Buffer,
     NormFn,
     UpdateRule,
-    check_flag,
-    check_lr,
     check_non_negative,
     check_unit_interval,
-    check_weight_decay,
+    trust_ratio,
 )
 
 
@@ -64,13 +62,10 @@ class LARS(UpdateRule):
 
     @classmethod
     def validate(cls, group: Mapping[str, Any]) -> None:
-        check_lr(group["lr"])
+        super().validate(group)
         check_unit_interval("momentum", group["momentum"])
         check_unit_interval("dampening", group["dampening"])
-        check_weight_decay(group["weight_decay"])
         check_non_negative("trust_coefficient", group["trust_coefficient"])
-        check_flag("nesterov", group["nesterov"])
-        check_flag("exclude_bias_and_norm", group["exclude_bias_and_norm"])
 
     @staticmethod
     def coefficients(hp: Mapping[str, Tensor], step: Tensor, flags: Mapping[str, Any]) -> dict[str, Tensor]:
@@ -95,9 +90,7 @@ class LARS(UpdateRule):
         if not (flags["exclude_bias_and_norm"] and flags["param_ndim"] <= 1):
             p_norm = norm(p)
             denominator = norm(g) + c["weight_decay"] * p_norm
-            ok = (p_norm > 0) & (denominator > 0)
-            trust = torch.where(ok, c["trust_coefficient"] * p_norm / torch.where(ok, denominator, 1.0), 1.0)
-            g = (g + p * c["weight_decay"]) * trust
+            g = (g + p * c["weight_decay"]) * trust_ratio(p_norm, denominator, c["trust_coefficient"])
         buf = state["momentum_buffer"]
         buf.mul_(c["momentum"]).add_(g * c["one_minus_dampening"])
         direction = g + buf * c["momentum"] if flags["nesterov"] else buf

@@ -18,13 +18,12 @@ Constructing Lion with an AdamW-sized lr (>= 1e-3) or weight decay (0 < wd <
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping
 from typing import Any
 
 from torch import Tensor
 
-from .base import Buffer, NormFn, UpdateRule, _as_float, check_betas, check_lr, check_weight_decay
+from .base import Buffer, NormFn, UpdateRule, _as_float, moment_coefficients, warn_user
 
 #: an lr at or above this is AdamW-sized for Lion
 LION_MAX_LR = 1e-3
@@ -44,24 +43,18 @@ class Lion(UpdateRule):
 
     @classmethod
     def validate(cls, group: Mapping[str, Any]) -> None:
-        check_lr(group["lr"])
-        check_betas(group["betas"])
-        check_weight_decay(group["weight_decay"])
+        super().validate(group)
         lr, wd = _as_float(group["lr"]), _as_float(group["weight_decay"])
         if lr >= LION_MAX_LR:
-            warnings.warn(
+            warn_user(
                 f"Lion got lr={lr:g}, an AdamW-sized learning rate: Lion's sign update moves every weight "
                 f"by lr each step, so use 3-10x less than AdamW's (here {lr / 10:.2g}-{lr / 3:.2g}); "
-                "hf_optim.translate_hparams(from_='adamw', to='lion', ...) converts both lr and weight decay.",
-                UserWarning,
-                stacklevel=5,
+                "hf_optim.translate_hparams(from_='adamw', to='lion', ...) converts both lr and weight decay."
             )
         if 0.0 < wd < LION_MIN_WEIGHT_DECAY:
-            warnings.warn(
+            warn_user(
                 f"Lion got weight_decay={wd:g}, an AdamW-sized value: with Lion's smaller lr the decay "
-                f"lr*wd would be 3-10x weaker; use 3-10x more ({wd * 3:.2g}-{wd * 10:.2g}).",
-                UserWarning,
-                stacklevel=5,
+                f"lr*wd would be 3-10x weaker; use 3-10x more ({wd * 3:.2g}-{wd * 10:.2g})."
             )
 
     @staticmethod
@@ -70,10 +63,7 @@ class Lion(UpdateRule):
         return {
             "lr": lr,
             "decay": 1 - lr * hp["weight_decay"],
-            "beta1": beta1,
-            "one_minus_beta1": 1 - beta1,
-            "beta2": beta2,
-            "one_minus_beta2": 1 - beta2,
+            **moment_coefficients(beta1, beta2),
         }
 
     @staticmethod

@@ -38,11 +38,7 @@ from .base import (
     NormFn,
     UpdateRule,
     _as_float,
-    check_betas,
-    check_eps,
-    check_lr,
     check_unit_interval,
-    check_weight_decay,
     moment_coefficients,
     update_moments,
 )
@@ -60,10 +56,7 @@ class Ranger(UpdateRule):
 
     @classmethod
     def validate(cls, group: Mapping[str, Any]) -> None:
-        check_lr(group["lr"])
-        check_eps(group["eps"])
-        check_betas(group["betas"])
-        check_weight_decay(group["weight_decay"])
+        super().validate(group)
         k = group["k"]
         if isinstance(k, bool) or not float(_as_float(k)).is_integer() or _as_float(k) < 1:
             raise ValueError(f"Invalid k value: {k!r} (expected an integer >= 1)")

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import Buffer, NormFn, UpdateRule, check_flag, check_lr, check_non_negative, check_weight_decay
+from .base import Buffer, NormFn, UpdateRule, check_non_negative
 
 
 class SGD(UpdateRule):
@@ -47,11 +47,8 @@ class SGD(UpdateRule):
 
     @classmethod
     def validate(cls, group: Mapping[str, Any]) -> None:
-        check_lr(group["lr"])
+        super().validate(group)
         check_non_negative("momentum", group["momentum"])
-        check_weight_decay(group["weight_decay"])
-        check_flag("nesterov", group["nesterov"])
-        check_flag("maximize", group["maximize"])
         if group["nesterov"] and (float(group["momentum"]) <= 0 or float(group["dampening"]) != 0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
 

@@ -33,10 +33,6 @@ from .base import (
     Buffer,
     NormFn,
     UpdateRule,
-    check_betas,
-    check_eps,
-    check_lr,
-    check_weight_decay,
     global_mean_sqrt,
     moment_coefficients,
     update_moments,
@@ -51,13 +47,6 @@ class StableAdamW(UpdateRule):
     @classmethod
     def buffers(cls, flags: Mapping[str, Any]) -> tuple[Buffer, ...]:
         return (Buffer("exp_avg", "signed"), Buffer("exp_avg_sq", "unsigned"))
-
-    @classmethod
-    def validate(cls, group: Mapping[str, Any]) -> None:
-        check_lr(group["lr"])
-        check_eps(group["eps"])
-        check_betas(group["betas"])
-        check_weight_decay(group["weight_decay"])
 
     @staticmethod
     def coefficients(hp: Mapping[str, Tensor], step: Tensor, flags: Mapping[str, Any]) -> dict[str, Tensor]:

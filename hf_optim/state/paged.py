@@ -51,7 +51,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..execution import working_state
+from ..execution import flat_state, working_state
 
 #: fraction of free memory the automatic budget lets states keep beside their parameters
 AUTO_FRACTION = 0.5
@@ -311,16 +311,16 @@ class PagedPlacement:
                 self.place(param, state)
                 entry = self._paged.get(param)
             if entry is None:
-                out.append(_flat(state))
+                out.append(flat_state(state))
                 continue
             self._order.append(param)
             if entry.device.type == "cpu":
-                out.append(_flat(state))  # updated in place in the mapping
+                out.append(flat_state(state))  # updated in place in the mapping
             else:
                 if entry.pending is None:
                     self._to_device(entry)
                 torch.cuda.current_stream(entry.device).wait_event(entry.ready)
-                out.append(_flat({**state, **entry.pending}))
+                out.append(flat_state({**state, **entry.pending}))
             nxt = self._paged.get(self._next.get(param))  # type: ignore[arg-type]
             if nxt is not None:
                 self._prefetch(nxt)
@@ -428,11 +428,6 @@ class PagedPlacement:
             "total_stall_s": totals["stall_s"],
             "steps": totals["steps"],
         }
-
-
-def _flat(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    # as the engine passes state to the step: every tensor 1-D except the 0-d step
-    return {k: v if v.dim() == 1 or k == "step" else v.view(-1) for k, v in state.items()}
 
 
 def _plain(t: Tensor) -> Tensor:
