@@ -25,6 +25,8 @@ BAD_INPUTS = [
     ({"betas": (0.9, 1.5)}, ValueError, "Invalid beta parameter at index 1: 1.5"),
     ({"betas": (0.9,)}, ValueError, "Invalid betas"),
     ({"weight_decay": -0.1}, ValueError, "Invalid weight_decay value: -0.1"),
+    ({"amsgrad": "no"}, ValueError, "Invalid amsgrad value: 'no' \\(expected True or False\\)"),
+    ({"maximize": 1}, ValueError, "Invalid maximize value: 1"),
     ({"state_precision": "int3"}, ValueError, "Invalid state_precision: 'int3' \\(allowed: .*fp32"),
     ({"execution": "jit"}, ValueError, "Invalid execution: 'jit' \\(allowed: auto, eager, compiled, native\\)"),
     ({"placement": "moon"}, ValueError, "Invalid placement: 'moon'"),
