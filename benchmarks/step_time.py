@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -25,9 +24,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import hf_optim
-
-Factory = Callable[[list[torch.Tensor]], torch.optim.Optimizer]
-from hf_optim.bench import BASELINE, measure  # noqa: E402  (the interleaved timing loop, shared with `hf-optim bench`)
+from hf_optim.bench import BASELINE, Factory, make_shapes, measure  # the timing loop, shared with `hf-optim bench`
+from hf_optim.memory import parse_count
 
 
 def _optimi(name: str) -> Factory:
@@ -37,12 +35,6 @@ def _optimi(name: str) -> Factory:
         return getattr(optimi, name)(params, lr=1e-3, weight_decay=0.01, foreach=True)
 
     return build
-
-
-def _hf_optim(name: str) -> type[torch.optim.Optimizer]:
-    if not hasattr(hf_optim, name):
-        raise ImportError(f"hf_optim has no {name} yet")
-    return getattr(hf_optim, name)
 
 
 def _peer(module: str, name: str) -> type[torch.optim.Optimizer]:
@@ -60,14 +52,10 @@ CANDIDATES: dict[str, Factory] = {
     "hf_optim adamw_8bit compiled": lambda ps: hf_optim.AdamW(
         ps, lr=1e-3, state_precision="8bit", execution="compiled"
     ),
-    "hf_optim lion_8bit compiled": lambda ps: _hf_optim("Lion")(
-        ps, lr=1e-4, state_precision="8bit", execution="compiled"
-    ),
+    "hf_optim lion_8bit compiled": lambda ps: hf_optim.Lion(ps, lr=1e-4, state_precision="8bit", execution="compiled"),
     "hf_optim adamw native": lambda ps: hf_optim.AdamW(ps, lr=1e-3, execution="native"),
     "hf_optim adamw_8bit native": lambda ps: hf_optim.AdamW(ps, lr=1e-3, state_precision="8bit", execution="native"),
-    "hf_optim lion_8bit native": lambda ps: _hf_optim("Lion")(
-        ps, lr=1e-4, state_precision="8bit", execution="native"
-    ),
+    "hf_optim lion_8bit native": lambda ps: hf_optim.Lion(ps, lr=1e-4, state_precision="8bit", execution="native"),
     "bnb AdamW8bit": lambda ps: _peer("bitsandbytes.optim", "AdamW8bit")(ps, lr=1e-3),
     "bnb Lion8bit": lambda ps: _peer("bitsandbytes.optim", "Lion8bit")(ps, lr=1e-4),
     "torchao AdamW8bit": lambda ps: _peer("torchao.optim", "AdamW8bit")(ps, lr=1e-3),
@@ -97,18 +85,6 @@ CANDIDATES.update({
     "hf_optim sgd native": lambda ps: hf_optim.SGD(ps, lr=0.1, momentum=0.9, execution="native"),
     "torch SGD foreach": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, foreach=True),
 })
-
-
-def parse_count(text: str) -> int:
-    scale = {"K": 1e3, "M": 1e6, "G": 1e9, "B": 1e9}
-    text = text.strip().upper()
-    return int(float(text[:-1]) * scale[text[-1]]) if text[-1] in scale else int(text)
-
-
-def make_shapes(numel: int, tensors: int) -> list[tuple[int, ...]]:
-    """``tensors`` 2-D shapes (rows of 256) adding up to ~``numel``, all multiples of 256."""
-    rows = max(1, numel // (tensors * 256))
-    return [(rows, 256)] * tensors
 
 
 def report(rows: list[dict], title: str) -> None:

@@ -118,6 +118,12 @@ def measure(
     return rows
 
 
+def make_shapes(numel: int, tensors: int) -> list[tuple[int, ...]]:
+    """``tensors`` equal 2-D shapes (rows of up to 256 columns) adding up to ~``numel``."""
+    cols = max(1, min(256, numel // tensors))
+    return [(max(1, numel // (tensors * cols)), cols)] * tensors
+
+
 def cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--optims", default=DEFAULT_OPTIMS, help=f"hf_optim names (default {DEFAULT_OPTIMS})")
     parser.add_argument("--numel", default="4M", help="total parameter count, e.g. 4M (default 4M)")
@@ -137,8 +143,7 @@ def cli_run(args: argparse.Namespace) -> int:
     numel = parse_count(args.numel)
     if args.tensors < 1 or args.steps < 1 or numel < args.tensors:
         raise SystemExit("hf-optim bench: --tensors and --steps must be >= 1 and --numel >= --tensors")
-    cols = max(1, min(256, numel // args.tensors))
-    shapes = [(max(1, numel // (args.tensors * cols)), cols)] * args.tensors
+    shapes = make_shapes(numel, args.tensors)
     optims = [n.strip() for n in args.optims.split(",") if n.strip()]
     rows = measure(candidates(optims, args.execution, not args.no_peers), shapes, args.steps, args.warmup)
     if args.json:

@@ -1,4 +1,4 @@
-"""``hf-optim``: list, and (as they land) recommend, memory, schedule, bench, compare.
+"""``hf-optim``: list, recommend, memory, schedule, bench, compare.
 
 Each subcommand is a ``(name, help, add_arguments, run)`` entry in ``COMMANDS``;
 ``run(args)`` returns the process exit code.

@@ -142,13 +142,16 @@ def group_param_state_bytes(
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Measured bytes of every tensor in a live optimizer's state (shared storage counted once)."""
-    optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer
+    from .integrations.callbacks import unwrap  # accelerate's AcceleratedOptimizer and similar wrappers
+
+    optimizer = unwrap(optimizer)
     seen: set[tuple[int, int]] = set()
     total = 0
     for state in optimizer.state.values():
         for value in state.values():
             if isinstance(value, torch.Tensor):
-                key = (value.untyped_storage().data_ptr(), value.nbytes) if value.numel() else (id(value), 0)
+                # the view's own address: paged state keeps all of a parameter's buffers in one storage
+                key = (value.data_ptr(), value.nbytes) if value.numel() else (id(value), 0)
                 if key not in seen:
                     seen.add(key)
                     total += value.nbytes

@@ -2,7 +2,7 @@
 
 Advice on choosing an optimizer is a short flowchart (transformer or CNN?
 memory-bound? batch over 8K? time to tune? unstable?) plus a few rules of
-thumb (Lion wants a 3x smaller lr and 3x larger weight decay than AdamW,
+thumb (Lion wants a smaller lr and larger weight decay than AdamW,
 beta2 0.95 for large batches or loss spikes, warmup + cosine for
 transformers). ``recommend`` walks that flow for a concrete model and device,
 with memory from the exact memory model (``hf_optim.memory``) instead of
@@ -20,7 +20,8 @@ from typing import Any, Literal
 
 import torch
 
-from . import memory, registry
+from . import memory, registry, schedules
+from .guidance import LION_FACTOR, translate_hparams
 
 Task = Literal["transformer", "cnn", "other"]
 TASKS = ("transformer", "cnn", "other")
@@ -174,10 +175,8 @@ def recommend(
     elif task == "cnn":
         if tuning_budget == "high":
             default_path = False
-            optim, warmup = _sgd_name(), 0.0
+            optim, warmup = "sgd", 0.0
             hp = {"lr": 0.1, "weight_decay": 1e-4, "momentum": 0.9, "nesterov": True}
-            accepted = _accepted(optim)  # hf_optim's SGD rule when registered: keep what it takes
-            hp = {k: v for k, v in hp.items() if not accepted or k in accepted or k in ("lr", "weight_decay")}
             reasons.append("CNN with time to tune the lr schedule: SGD + Nesterov momentum + cosine generalizes best")
         elif batch_size is not None and batch_size <= SMALL_CNN_BATCH and _registered("ranger"):
             default_path = False
@@ -207,8 +206,8 @@ def recommend(
 
     if unstable:
         optim, hp = _stabilize(optim, hp, reasons)
-    schedule = _SCHEDULE if _schedule_available(_SCHEDULE) else "cosine"
-    if warmup == 0.0 and optim == _sgd_name():
+    schedule = _SCHEDULE if schedules.is_registered(_SCHEDULE) else "cosine"
+    if warmup == 0.0 and optim == "sgd":
         reasons.append(f"{schedule} schedule without warmup for SGD")
     mem_row = _memory(optim, size, param_dtype)
     return Recommendation(
@@ -252,11 +251,12 @@ def _memory_choice(size, budget, param_dtype, adamw_lr, wd, reasons):
 def _hyperparameters_for(name: str, adamw_lr: float, wd: float, reasons: list[str]) -> dict[str, Any]:
     rule = registry.parse(name)[0]  # type: ignore[index]
     if rule == "lion":
+        values = translate_hparams("adamw", name, lr=adamw_lr, weight_decay=wd).values
         reasons.append(
-            f"Lion takes a 3x smaller lr ({adamw_lr / 3:.2g}) and 3x larger weight decay ({wd * 3:.2g}) "
-            "than AdamW, betas (0.9, 0.99)"
+            f"Lion takes a {LION_FACTOR:g}x smaller lr ({values['lr']:g}) and {LION_FACTOR:g}x larger weight decay "
+            f"({values['weight_decay']:g}) than AdamW, betas {values['betas']}"
         )
-        return {"lr": float(f"{adamw_lr / 3:.2g}"), "weight_decay": float(f"{wd * 3:.2g}"), "betas": (0.9, 0.99)}
+        return dict(values)
     return {"lr": adamw_lr, "weight_decay": wd}
 
 
@@ -288,31 +288,13 @@ def _accepted(optim: str) -> dict[str, Any]:
     return spec.defaults if spec is not None else {}
 
 
-def _sgd_name() -> str:
-    return "sgd"  # hf_optim's SGD rule when registered, else transformers' torch.optim.SGD
-
-
-def _schedule_available(name: str) -> bool:
-    try:
-        from . import schedules
-
-        return schedules.is_registered(name)
-    except ImportError:
-        return False
-
-
 def _memory(optim: str, size: Any, param_dtype: Any) -> memory.MemoryRow | None:
     if size is None:
         return None
     try:
-        if registry.resolve(optim) is not None:
-            return memory.optimizer_memory(optim, size, param_dtype=param_dtype)
-    except (ValueError, ImportError):
+        return memory.optimizer_memory(optim, size, param_dtype=param_dtype)
+    except (ValueError, ImportError):  # not an hf_optim name: no memory model
         return None
-    if optim == "sgd":  # torch.optim.SGD with momentum: one fp32-or-param-dtype buffer
-        row = memory.optimizer_memory("adamw", size, param_dtype=param_dtype)
-        return memory.MemoryRow("sgd", "param dtype", "device", row.weights, row.gradients, row.gradients, row.n_params)
-    return None
 
 
 # --- command line ----------------------------------------------------------------------------

@@ -245,11 +245,19 @@ def unknown_name_message(name: str, what: str, valid: list[str]) -> str:
 # --- building from a model ------------------------------------------------------------
 
 
-def decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Two named param groups as transformers makes them: no decay on biases and norms."""
-    from transformers import Trainer
+def decay_groups(
+    model: torch.nn.Module, weight_decay: float, decay_names: Iterable[str] | None = None
+) -> list[dict[str, Any]]:
+    """Two named param groups as transformers makes them: no decay on biases and norms.
 
-    decay = set(Trainer.get_decay_parameter_names(None, model))  # uses no Trainer state
+    ``decay_names``: the parameters that decay (a Trainer passes its own
+    ``get_decay_parameter_names(model)``); default transformers' rule.
+    """
+    if decay_names is None:
+        from transformers import Trainer
+
+        decay_names = Trainer.get_decay_parameter_names(None, model)  # uses no Trainer state
+    decay = set(decay_names)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     groups = [
         {"params": [(n, p) for n, p in named if n in decay], "weight_decay": weight_decay},
@@ -278,16 +286,15 @@ def create_optimizer(
 
 
 def _create_transformers_optimizer(name: str, model_or_params: Any, hyperparameters: dict[str, Any]):
-    import tempfile
-
+    """transformers' class and defaults for ``name``; ``hyperparameters`` override them as given,
+    so the optimizer itself rejects a key it does not take."""
     from transformers import Trainer, TrainingArguments
 
     lr = hyperparameters.pop("lr", 1e-3)
-    weight_decay = hyperparameters.pop("weight_decay", 0.0)
-    optim_args = ",".join(f"{k}={v}" for k, v in hyperparameters.items()) or None
-    args = TrainingArguments(tempfile.mkdtemp(), optim=name, learning_rate=lr, optim_args=optim_args)
+    args = TrainingArguments(optim=name, learning_rate=lr)  # output_dir is only a path: nothing is created
     cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args)
     params = model_or_params
     if isinstance(model_or_params, torch.nn.Module):
+        weight_decay = hyperparameters.pop("weight_decay", 0.0)
         params = [{**g, "params": [p for _, p in g["params"]]} for g in decay_groups(model_or_params, weight_decay)]
-    return cls(params, **kwargs)
+    return cls(params, **{**kwargs, **hyperparameters})

@@ -81,10 +81,18 @@ def test_bf16_weight_decay_underflow_warns_only_where_decay_is_lost():
     assert cb.check_config(hf_optim.create_optimizer("adamw", params(torch.bfloat16), lr=1e-4, kahan_sum=False))
 
 
-def test_underflow_is_real_for_bf16():
-    # the premise of the check: the factor the optimizer multiplies by is exactly 1 in bf16
-    p = torch.full((4,), 0.7, dtype=torch.bfloat16)
-    assert torch.equal(p * (1 - 1e-4 * 0.01), p)
+@pytest.mark.parametrize("kahan_sum", [False, True])
+def test_underflow_is_real_for_bf16(kahan_sum):
+    # the premise of the check: a bf16 step leaves the weight as it was, and only the Kahan buffer keeps the decay
+    p = torch.nn.Parameter(torch.full((4,), 0.7, dtype=torch.bfloat16))
+    opt = hf_optim.AdamW([p], lr=1e-4, weight_decay=0.01, kahan_sum=kahan_sum, execution="eager")
+    assert bool(cb.check_config(opt)) is not kahan_sum
+    before = p.detach().clone()
+    p.grad = torch.zeros_like(p)  # no gradient: the step is the decay alone
+    opt.step()
+    assert torch.equal(p.detach(), before)
+    if kahan_sum:
+        assert (opt.state[p]["kahan_comp"] < 0).all()
 
 
 def test_lamb_with_a_tiny_batch_warns_and_a_large_batch_is_silent():

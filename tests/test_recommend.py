@@ -44,8 +44,10 @@ def test_memory_constrained_transformer_gets_8bit_adamw():
 def test_tighter_memory_gets_8bit_lion_with_lion_hyperparameters():
     r = rec(n_params="1B", device_memory="9.5GB")  # 8-bit AdamW (10.03 GB) does not fit, 8-bit Lion (9.02 GB) does
     assert r.optim == "lion_8bit"
-    assert r.hyperparameters == {"lr": 3.3e-05, "weight_decay": 0.3, "betas": (0.9, 0.99)}
-    assert any("3x smaller lr" in reason for reason in r.reasons)
+    assert r.hyperparameters == {"lr": 2e-05, "weight_decay": 0.5, "betas": (0.9, 0.99)}
+    # the same advice as translate_hparams gives for AdamW's lr 1e-4 and weight decay 0.1
+    assert r.hyperparameters == hf_optim.translate_hparams("adamw", "lion", lr=1e-4, weight_decay=0.1).values
+    assert any("5x smaller lr (2e-05)" in reason for reason in r.reasons)
 
 
 def test_8bit_adamw_is_preferred_whenever_it_fits():

@@ -57,6 +57,17 @@ def test_transformers_names_pass_through():
     assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
 
 
+
+def test_transformers_names_take_hyperparameters_and_reject_unknown_ones(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    params = [torch.zeros(2, requires_grad=True)]
+    opt = hf_optim.create_optimizer("adamw_torch", params, eps=1e-3, betas=(0.8, 0.9), weight_decay=0.2)
+    assert opt.defaults["eps"] == 1e-3 and opt.defaults["betas"] == (0.8, 0.9)
+    assert opt.defaults["weight_decay"] == 0.2
+    with pytest.raises(TypeError, match="bogus"):
+        hf_optim.create_optimizer("adamw_torch", params, eps=1e-3, bogus=1)
+    assert list(tmp_path.iterdir()) == []  # no output_dir left behind
+
 def test_create_optimizer_groups_a_model_like_transformers_and_takes_params_as_given():
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
     opt = hf_optim.create_optimizer("adamw", model, lr=1e-4, weight_decay=0.05)

@@ -86,6 +86,18 @@ def test_mixin_gives_another_trainer_subclass_the_same_names(tmp_path):
     assert type(trainer.optimizer) is hf_optim.AdamW
 
 
+
+def test_a_trainer_subclass_decides_which_parameters_decay(tmp_path):
+    class NoDecayTrainer(hf_optim.Trainer):
+        def get_decay_parameter_names(self, model):
+            return []
+
+    trainer = NoDecayTrainer(
+        model=tiny_bert(), args=args(tmp_path, optim="adamw", weight_decay=0.1), train_dataset=tiny_dataset()
+    )
+    trainer.create_optimizer()
+    assert [g["weight_decay"] for g in trainer.optimizer.param_groups] == [0.0]
+
 def _train(tmp_path, optim, max_steps, resume=None, save_steps=5):
     model = tiny_bert(seed=1, dropout=0.1)
     model.bert.embeddings.position_embeddings.weight.requires_grad_(False)  # a frozen param

@@ -30,13 +30,12 @@ import torch
 from transformers import TrainerCallback
 
 from .. import memory
+from ..rules.lion import LION_MAX_LR
 
 logger = logging.getLogger("hf_optim")
 
 #: below this global batch size LAMB's layer-wise trust ratio buys nothing over AdamW
 LAMB_MIN_BATCH = 256
-#: Lion's lr is usually 3-10x below AdamW's 1e-4..1e-3; at or above this it is AdamW-sized
-LION_MAX_LR = 1e-3
 SPIKE_ACTIONS = ("warn", "reduce_beta2", "skip")
 
 
@@ -99,6 +98,7 @@ def optimizer_report(optimizer: Any, lr_scheduler: Any = None) -> dict[str, Any]
     if lr_scheduler is not None and getattr(lr_scheduler, "name", None):
         report["schedule"] = f"{report['schedule']} ({lr_scheduler.name})"
     hf_opt = isinstance(opt, _hf_optimizer_cls())
+    precisions = iter([row.precision for row in opt.precision_report().rows] if hf_opt else [])
     predicted = 0
     for index, group in enumerate(opt.param_groups):
         hp = {k: v for k, v in group.items() if k not in ("params", "param_names")}
@@ -106,7 +106,7 @@ def optimizer_report(optimizer: Any, lr_scheduler: Any = None) -> dict[str, Any]
         for name, p in zip(_param_names(group), group["params"], strict=True):
             row = {"group": index, "name": name, "shape": tuple(p.shape), "dtype": str(p.dtype).replace("torch.", "")}
             if hf_opt:
-                row["state"] = _precision(opt, group, name, p)
+                row["state"] = next(precisions)  # the report's rows: groups and params in this order
                 row["placement"] = str(group.get("placement", getattr(opt, "placement", "device")))
                 if p.requires_grad:
                     predicted += _predicted_bytes(opt, group, name, p)
@@ -118,10 +118,6 @@ def optimizer_report(optimizer: Any, lr_scheduler: Any = None) -> dict[str, Any]
     report["state_bytes"] = measured
     report["state_bytes_predicted"] = predicted if hf_opt else None
     return report
-
-
-def _precision(opt: Any, group: Mapping[str, Any], name: str, p: torch.Tensor) -> str:
-    return "+".join(sorted({codec.name for _, codec in opt._layout(p, name, group)}))
 
 
 def _predicted_bytes(opt: Any, group: Mapping[str, Any], name: str, p: torch.Tensor) -> int:

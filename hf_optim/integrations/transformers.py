@@ -127,7 +127,8 @@ class HfOptimMixin:
         if spec is None or self.optimizer is not None or getattr(self, "optimizer_cls_and_kwargs", None):
             return super().create_optimizer(model)  # type: ignore[misc]
         opt_model = self.model if model is None else model
-        groups = registry.decay_groups(opt_model, self.args.weight_decay)
+        decay_names = self.get_decay_parameter_names(opt_model)  # type: ignore[attr-defined]
+        groups = registry.decay_groups(opt_model, self.args.weight_decay, decay_names)
         self.optimizer = spec.build(groups, **optimizer_kwargs(self.args))
         logger.info("hf_optim: optimizer %s = %r", spec.name, self.optimizer)
         return self.optimizer

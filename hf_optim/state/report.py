@@ -58,13 +58,10 @@ class PrecisionReport:
         return "\n".join(lines)
 
 
-def tensor_bytes(t: Tensor) -> int:
-    """Real bytes of one plain tensor (storage actually held, not a subclass's claim)."""
-    return t.numel() * t.element_size()
-
-
 def precision_report(optimizer: Any) -> PrecisionReport:
     """The report for an ``hf_optim.engine.Optimizer``."""
+    from ..memory import group_param_state_bytes
+
     rows = []
     for group in optimizer.param_groups:
         for name, p in optimizer._named(group):
@@ -72,8 +69,8 @@ def precision_report(optimizer: Any) -> PrecisionReport:
             precision = "+".join(sorted({codec.name for _, codec in layout})) or "none"
             state = optimizer.state.get(p)
             if state:
-                nbytes = sum(tensor_bytes(t) for t in state.values() if isinstance(t, Tensor))
-            else:  # step counter + every buffer
-                nbytes = 4 + sum(codec.nbytes(p.numel()) for _, codec in layout)
+                nbytes = sum(t.nbytes for t in state.values() if isinstance(t, Tensor))
+            else:  # step counter + every buffer (+ the Kahan buffer of a bf16/fp16 parameter)
+                nbytes = group_param_state_bytes(optimizer.rule, group, name, p.numel(), p.dtype)
             rows.append(PrecisionRow(name, tuple(p.shape), p.numel(), precision, nbytes, bool(state)))
     return PrecisionReport(tuple(rows))
