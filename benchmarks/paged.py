@@ -16,12 +16,8 @@ Only same-run ratios mean anything on a shared machine.
 from __future__ import annotations
 
 import argparse
-import random
-import statistics
 import sys
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -29,7 +25,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import hf_optim
-from benchmarks.step_time import make_shapes, parse_count
+from hf_optim.bench import BASELINE, Factory, make_shapes, measure
+from hf_optim.engine import EXECUTIONS
+from hf_optim.memory import parse_count
 
 
 def rss_anon() -> int:
@@ -48,22 +46,13 @@ def make_params(shapes: list[tuple[int, ...]], seed: int = 0) -> list[torch.Tens
     return params
 
 
-def interleaved(factories: dict[str, Callable], shapes, steps: int, warmup: int) -> dict[str, list[float]]:
-    opts = {}
-    for name, factory in factories.items():
-        opts[name] = factory(make_params(shapes))
-        for _ in range(warmup):
-            opts[name].step()
-    times: dict[str, list[float]] = {name: [] for name in opts}
-    order = list(opts)
-    rng = random.Random(0)
-    for _ in range(steps):
-        rng.shuffle(order)
-        for name in order:
-            t0 = time.perf_counter()
-            opts[name].step()
-            times[name].append(time.perf_counter() - t0)
-    return times
+def medians(factories: dict[str, Factory], shapes, steps: int, warmup: int) -> dict[str, float]:
+    """Median step seconds per candidate, interleaved (``hf_optim.bench.measure``); a failure is an error."""
+    rows = measure(factories, shapes, steps, warmup, progress=False)
+    failed = [f"{row['candidate']}: {row['note']}" for row in rows if row["median_ms"] is None]
+    if failed:
+        raise RuntimeError("; ".join(failed))
+    return {row["candidate"]: row["median_ms"] / 1e3 for row in rows}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--execution", default="compiled", choices=["eager", "compiled"])
+    parser.add_argument("--execution", default="auto", choices=EXECUTIONS)
     parser.add_argument("--dir", default=tempfile.gettempdir(), help="spill directory for paged states")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -103,25 +92,22 @@ def main(argv: list[str] | None = None) -> int:
         "paged, budget 0": lambda ps: hf_optim.AdamW(ps, execution=ex, placement="paged", paged_budget=0,
                                                      paged_dir=args.dir),
     }
-    times = interleaved(factories, shapes, max(5, args.steps // 2), args.warmup)
-    base = statistics.median(times["non-paged"])
+    times = medians(factories, shapes, max(5, args.steps // 2), args.warmup)
     for name, t in times.items():
-        print(f"  {name:22s} {statistics.median(t) * 1e3:9.2f} ms  {statistics.median(t) / base:6.3f}x non-paged")
+        print(f"  {name:22s} {t * 1e3:9.2f} ms  {t / times['non-paged']:6.3f}x non-paged")
 
     # 2. within budget: nothing moves
     factories = {
-        "torch AdamW fused": lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True),
+        BASELINE: lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True),
         "non-paged": lambda ps: hf_optim.AdamW(ps, execution=ex),
         "paged, budget auto": lambda ps: hf_optim.AdamW(ps, execution=ex, placement="paged"),
     }
-    times = interleaved(factories, shapes, args.steps, args.warmup)
-    base = statistics.median(times["non-paged"])
-    fused = statistics.median(times["torch AdamW fused"])
+    times = medians(factories, shapes, args.steps, args.warmup)
+    base, fused = times["non-paged"], times[BASELINE]
     print("\nwithin budget (automatic budget: nothing paged)")
     for name, t in times.items():
-        med = statistics.median(t)
-        print(f"  {name:22s} {med * 1e3:9.2f} ms  {med / base:6.3f}x non-paged  {med / fused:6.3f}x torch fused")
-    print(f"  paged / non-paged = {statistics.median(times['paged, budget auto']) / base:.3f} (target <= 1.05)")
+        print(f"  {name:22s} {t * 1e3:9.2f} ms  {t / base:6.3f}x non-paged  {t / fused:6.3f}x torch fused")
+    print(f"  paged / non-paged = {times['paged, budget auto'] / base:.3f} (target <= 1.05)")
     return 0
 
 

@@ -120,26 +120,17 @@ def map_errors(codec: BlockwiseCodec | None, steps: int = 50, spread: float = 0.
 
 
 def _codec_adamw(p: torch.nn.Parameter, codec: BlockwiseCodec, hp: dict):
-    """An eager AdamW step on ``p`` with both moments in ``codec`` (the engine's step, unrolled)."""
-    from hf_optim.rules.adamw import AdamW
+    """hf_optim's eager AdamW 8-bit step on ``p``, with ``codec`` standing in for the 8-bit codec."""
+    from unittest import mock
 
-    flags = {"amsgrad": False, "maximize": False}
-    buffers = AdamW.buffers(flags)
-    stored: dict[str, torch.Tensor] = {}
-    for buffer in buffers:
-        stored.update(codec.allocate(buffer, p))
-    scalars = {k: torch.tensor(v) for k, v in AdamW.scalars({**AdamW.defaults, **hp}).items()}
-    count = torch.zeros(())
+    import hf_optim
+    from hf_optim import state
 
-    @torch.no_grad()
+    opt = hf_optim.AdamW([p], state_precision="8bit", execution="eager", **hp)
+
     def step() -> None:
-        count.add_(1)
-        c = AdamW.coefficients(scalars, count, flags)
-        state = {b.name: codec.decode(stored, b, p.numel()) for b in buffers}
-        flat = p.view(-1)
-        AdamW.update(flat, p.grad.reshape(-1), state, c, flags, torch.linalg.vector_norm)
-        for b in buffers:
-            codec.encode(state[b.name], stored, b)
+        with mock.patch.dict(state.CODECS, {"8bit": codec}):  # read when the state is made and laid out
+            opt.step()
 
     return step
 
