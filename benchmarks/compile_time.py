@@ -62,8 +62,11 @@ def main(argv: list[str] | None = None) -> int:
                     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "HF_OPTIM_CACHE": cache}
                     out = subprocess.run(
                         [sys.executable, "-c", CHILD, name, str(tensors), str(args.threads), execution],
-                        env=env, capture_output=True, text=True, check=True,
+                        env=env, capture_output=True, text=True,
                     )
+                if out.returncode != 0:  # e.g. execution="native" for a rule without a kernel
+                    print(f"{name:20s} {execution:>9s} {tensors:7d}  failed: {out.stderr.strip().splitlines()[-1]}")
+                    continue
                 row = json.loads(out.stdout.strip().splitlines()[-1])
                 print(f"{name:20s} {execution:>9s} {tensors:7d} {row['cold_compile_s']:15.1f} {row['graphs']:7d} "
                       f"{row['recompiles']:21d}")

@@ -111,7 +111,7 @@ class Optimizer(torch.optim.Optimizer):
         if unknown:
             raise TypeError(
                 f"{cls_name} got unexpected keyword argument(s) {', '.join(map(repr, unknown))}; "
-                f"valid: {', '.join(sorted([*allowed, 'execution', 'placement', 'paged_budget', 'paged_dir']))}"
+                f"valid: {', '.join(sorted([*allowed, *constructor_options()]))}"
             )
         if placement not in PLACEMENTS:
             raise ValueError(f"Invalid placement: {placement!r} (allowed: {', '.join(PLACEMENTS)})")
@@ -425,6 +425,14 @@ class Optimizer(torch.optim.Optimizer):
         if KAHAN_KEY in state and KAHAN_KEY in saved:
             state[KAHAN_KEY] = saved[KAHAN_KEY].to(device=local.device, dtype=local.dtype).clone()
         return state
+
+
+def constructor_options() -> dict[str, Any]:
+    """The options ``Optimizer.__init__`` takes besides hyperparameters (execution, placement, ...), with defaults."""
+    import inspect
+
+    parameters = inspect.signature(Optimizer.__init__).parameters.values()
+    return {p.name: p.default for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
 
 def _find_codec(saved: Mapping[str, Any], buffer: Buffer) -> StateCodec | None:

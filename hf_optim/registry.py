@@ -86,10 +86,9 @@ class OptimizerSpec:
                 for k, p in inspect.signature(cls).parameters.items()
                 if k != "params" and p.default is not inspect.Parameter.empty
             }
-        from .engine import ENGINE_DEFAULTS
+        from .engine import ENGINE_DEFAULTS, constructor_options
 
-        options = {"execution": "auto", "placement": "device", "paged_budget": None, "paged_dir": None}
-        return {**cls.rule.defaults, **ENGINE_DEFAULTS, **options, **self.fixed_kwargs()}
+        return {**cls.rule.defaults, **ENGINE_DEFAULTS, **constructor_options(), **self.fixed_kwargs()}
 
     @property
     def description(self) -> str:
