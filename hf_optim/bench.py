@@ -49,8 +49,9 @@ def peers(rule: str, storage: str) -> dict[str, Factory]:
             ("torchao AdamW8bit", _peer("torchao.optim", lambda m, ps: m.AdamW8bit(ps, lr=1e-3))),
         ],
         ("lion", "fp32"): [
-            ("lion_pytorch Lion", _peer("lion_pytorch", lambda m, ps: m.Lion(ps, lr=1e-4))),
-            ("optimi Lion", _peer("optimi", lambda m, ps: m.Lion(ps, lr=1e-4, foreach=True))),
+            # weight decay 0.1: hf_optim Lion's default, so every row does the same work
+            ("lion_pytorch Lion", _peer("lion_pytorch", lambda m, ps: m.Lion(ps, lr=1e-4, weight_decay=0.1))),
+            ("optimi Lion", _peer("optimi", lambda m, ps: m.Lion(ps, lr=1e-4, weight_decay=0.1, foreach=True))),
         ],
         ("lamb", "fp32"): [
             ("pytorch_optimizer Lamb", _peer("pytorch_optimizer", lambda m, ps: m.Lamb(ps, lr=1e-3))),
