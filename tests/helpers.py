@@ -6,6 +6,9 @@ import io
 
 import torch
 from datasets import Dataset
+from torch import Tensor
+
+from hf_optim.state.blockwise import CodeMap
 
 
 def tiny_bert(seed: int = 0, dropout: float = 0.1):
@@ -61,3 +64,14 @@ def roundtrip(state_dict: dict) -> dict:
     torch.save(state_dict, buf)
     buf.seek(0)
     return torch.load(buf, weights_only=True)
+
+
+def code_units(cmap: CodeMap, x: Tensor, scale: Tensor) -> Tensor:
+    """|x| * fl32(top / scale) (scale 0 -> 1), as the codec normalizes; finite inputs only."""
+    return x.abs() * torch.full_like(scale, cmap.top).div(torch.where(scale > 0, scale, 1.0))
+
+
+def exact_nearest(cmap: CodeMap, u: Tensor) -> Tensor:
+    """Nearest exact level c ** power to u (float64: exact), by exhaustive search; ties go down."""
+    levels = torch.arange(0, cmap.levels + 1, dtype=torch.float64) ** cmap.power
+    return (u.double()[:, None] - levels[None, :]).abs().argmin(dim=1)  # the first minimum

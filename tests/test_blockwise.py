@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from helpers import code_units, exact_nearest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor
@@ -24,16 +25,11 @@ def roundtrip(codec, buffer, x):
 
 
 def brute_force_codes(codec: BlockwiseCodec, buffer: Buffer, x: Tensor, absmax: Tensor) -> Tensor:
-    """Nearest level to x * (1 / block absmax) by exhaustive search over the whole table."""
+    """Signed codes of the nearest levels to x in its block's code units, by exhaustive search."""
     cmap = codec.code_map(buffer)
-    table = cmap.table()
-    codes = torch.arange(-cmap.levels, cmap.levels + 1) if cmap.signed else torch.arange(0, cmap.levels + 1)
     scale = absmax.repeat_interleave(BLOCK)[: x.numel()]
-    normalized = torch.where(scale > 0, x.abs() * torch.where(scale > 0, scale, 1.0).reciprocal(), 0.0) * x.sign()
-    distance = (normalized[:, None] - table[None, :]).abs()
-    best = distance.min(dim=1, keepdim=True).values
-    return codes, distance == best  # every nearest code (ties allowed)
-
+    nearest = exact_nearest(cmap, code_units(cmap, x, scale))
+    return torch.where(x < 0, -nearest, nearest) if cmap.signed else nearest
 
 
 @settings(max_examples=40, deadline=None)
@@ -52,23 +48,27 @@ def test_quantizer_equals_brute_force_nearest_code(numel, seed, log_scale, kind)
     absmax = stored["b.absmax"]
     expected_absmax = torch.nn.functional.pad(x.abs(), (0, absmax.numel() * BLOCK - numel)).view(-1, BLOCK).amax(1)
     assert torch.equal(absmax, expected_absmax)
-    codes, nearest = brute_force_codes(EIGHT_BIT, buffer, x, absmax)
-    got = stored["b.codes"].long()
-    assert nearest[torch.arange(numel), got - codes[0]].all()
+    assert torch.equal(stored["b.codes"].long(), brute_force_codes(EIGHT_BIT, buffer, x, absmax))
 
 
 @pytest.mark.parametrize("power", [1, 2, 3, 4])
 @pytest.mark.parametrize("signed", [True, False])
 def test_every_map_is_exact_at_and_between_its_levels(power, signed):
     cmap = CodeMap(signed, power)
-    table = cmap.level(torch.arange(0, cmap.levels + 1, dtype=torch.float32))
-    assert torch.equal(cmap.nearest(table), torch.arange(0, cmap.levels + 1, dtype=torch.float32))
-    mid = (table[:-1] + table[1:]) / 2
-    above = torch.nextafter(mid, torch.ones_like(mid))
-    below = torch.nextafter(mid, torch.zeros_like(mid))
-    steps = torch.arange(0, cmap.levels, dtype=torch.float32)
-    assert torch.equal(cmap.nearest(above), steps + 1)
-    assert torch.equal(cmap.nearest(below), steps)
+    codes = torch.arange(0, cmap.levels + 1, dtype=torch.float64)
+    exact, mid = codes**power, (codes[:-1] ** power + codes[1:] ** power) / 2
+    levels = exact.float()  # the top of c**4 rounds in fp32
+    assert torch.equal(cmap.nearest(levels), exact_nearest(cmap, levels).float())
+    assert torch.equal(cmap.nearest(exact.float()[:-1]), codes[:-1].float())
+    # either side of every midpoint, and on it where fp32 holds it (ties go down)
+    below = torch.nextafter(mid.float(), torch.tensor(0.0))
+    above = torch.nextafter(mid.float(), torch.tensor(math.inf))
+    for u in (below, mid.float(), above):
+        u = u.clamp(max=cmap.top)
+        assert torch.equal(cmap.nearest(u), exact_nearest(cmap, u).float())
+    on = mid.float().double() == mid
+    assert torch.equal(cmap.nearest(mid.float()[on]), codes[:-1][on].float())
+    assert torch.equal(cmap.nearest(above[on]), codes[1:][on].float())
 
 
 def test_round_trip_error_on_randn_is_within_bitsandbytes_thresholds():

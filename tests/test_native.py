@@ -13,19 +13,21 @@ from __future__ import annotations
 
 import math
 import os
+import platform
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
+from helpers import code_units, exact_nearest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import hf_optim
 from hf_optim.kernels import native
 from hf_optim.rules.base import Buffer
-from hf_optim.state.blockwise import BLOCK, EIGHT_BIT
+from hf_optim.state.blockwise import BLOCK, EIGHT_BIT, CodeMap
 
 pytestmark = pytest.mark.skipif(native.library_error() is not None, reason=f"{native.library_error()}")
 
@@ -188,19 +190,16 @@ def test_kernel_quantizer_equals_brute_force_nearest_code(seed, numel, log_scale
     for buffer, value in ((Buffer("exp_avg", "signed"), g), (Buffer("exp_avg_sq", "unsigned"), g * g)):
         cmap = EIGHT_BIT.code_map(buffer)
         codes, absmax = opt.state[p][f"{buffer.name}.codes"], opt.state[p][f"{buffer.name}.absmax"]
-        scale = absmax.repeat_interleave(BLOCK)[:numel]
-        a = value.abs() * torch.where(scale > 0, scale, 1.0).reciprocal()
-        levels = cmap.level(torch.arange(cmap.levels + 1, dtype=torch.float32))
-        distance = (a[:, None] - levels[None, :]).abs()
-        nearest = distance.argmin(dim=1)  # the first minimum: ties go down
-        assert torch.equal(codes.long().abs(), nearest)
-        if cmap.signed:
-            assert torch.equal(codes.long().sign(), torch.where(nearest > 0, value.sign(), 0).long())
+        nearest = exact_nearest(cmap, code_units(cmap, value, absmax.repeat_interleave(BLOCK)[:numel]))
+        assert torch.equal(codes.long(), torch.where(value < 0, -nearest, nearest))
 
 
-def kernel_moments(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The kernel's 8-bit codes of m = g and v = g*g: one AdamW block per value, scale 1."""
-    blocks = torch.ones(g.numel(), BLOCK)  # the other entries are 1: every block's scale is exactly 1
+def kernel_codes(cmap: CodeMap, u: torch.Tensor) -> torch.Tensor:
+    """The kernel's codes of exactly ``u`` in code units: m = g (signed) or v = g*g (unsigned) from an AdamW step
+    with betas 0, one block per value, the block's other entries setting its scale to the map's top."""
+    g = u if cmap.signed else u.sqrt()
+    assert torch.equal(g if cmap.signed else g * g, u)
+    blocks = torch.full((g.numel(), BLOCK), cmap.top if cmap.signed else 255.0**2)  # fl(255**4) is the top
     blocks[:, 0] = g
     m = EIGHT_BIT.allocate(Buffer("exp_avg", "signed"), blocks.view(-1))
     v = EIGHT_BIT.allocate(Buffer("exp_avg_sq", "unsigned"), blocks.view(-1))
@@ -208,21 +207,20 @@ def kernel_moments(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     coefficients = torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0, 1.0])
     states = [m["exp_avg.codes"], m["exp_avg.absmax"], v["exp_avg_sq.codes"], v["exp_avg_sq.absmax"]]
     native.step([torch.zeros(blocks.numel())], [blocks.view(-1)], states, [], coefficients, "adamw", [1, 2], 0)
-    return states[0].view(-1, BLOCK)[:, 0].long(), states[2].view(-1, BLOCK)[:, 0].long()
+    codes, absmax = states[0:2] if cmap.signed else states[2:4]
+    assert (absmax == cmap.top).all()
+    return codes.view(-1, BLOCK)[:, 0].long()
 
 
 def test_kernel_quantizer_at_levels_and_either_side_of_every_midpoint():
-    for buffer in (Buffer("exp_avg", "signed"), Buffer("exp_avg_sq", "unsigned")):
-        cmap = EIGHT_BIT.code_map(buffer)
-        table = cmap.level(torch.arange(cmap.levels + 1, dtype=torch.float32))
-        mid = (table[:-1] + table[1:]) / 2
-        below, above = torch.nextafter(mid, torch.zeros_like(mid)), torch.nextafter(mid, torch.ones_like(mid))
-        for values in (table, below, above):
-            g = values if cmap.signed else values.sqrt()  # v = g*g lands on or within ulps of each value
-            actual = g if cmap.signed else g * g
-            nearest = (actual[:, None] - table[None, :]).abs().argmin(dim=1)
-            m_codes, v_codes = kernel_moments(g)
-            assert torch.equal(m_codes if cmap.signed else v_codes, nearest), buffer.kind
+    for cmap in (EIGHT_BIT.signed_map, EIGHT_BIT.unsigned_map):
+        codes = torch.arange(cmap.levels + 1, dtype=torch.float64)
+        mid = ((codes[:-1] ** cmap.power + codes[1:] ** cmap.power) / 2).float()
+        below, above = torch.nextafter(mid, torch.tensor(0.0)), torch.nextafter(mid, torch.tensor(math.inf))
+        for values in ((codes**cmap.power).float(), below, mid, above):
+            # unsigned: values v = g*g exactly representable near each one
+            u = values if cmap.signed else values.sqrt().square()
+            assert torch.equal(kernel_codes(cmap, u), exact_nearest(cmap, u)), cmap.signed
 
 
 def test_torch_library_operator_passes_opcheck():
@@ -308,3 +306,27 @@ def test_kernel_builds_in_a_fresh_cache_and_a_missing_compiler_falls_back(tmp_pa
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
     lines = out.stdout.split("\n")
     assert "does not run" in lines[0] and lines[1] == "['eager']", out.stdout
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="-mno-avx512f is an x86 flag")
+def test_portable_c_path_gives_the_same_codes_as_the_vector_path(tmp_path):
+    # without AVX-512 the kernel quantizes with its plain C loop (another root guess, the same exact tests)
+    script = (
+        "import torch, hf_optim\n"
+        "from hf_optim.kernels import native\n"
+        "assert native.library_error() is None, native.library_error()\n"
+        "gen = torch.Generator().manual_seed(0)\n"
+        "g = torch.randn(40 * 256 + 77, generator=gen) * torch.logspace(-30, 20, 40 * 256 + 77)\n"
+        "g[::97] = float('nan'); g[5::101] = float('inf'); g[7::103] = -float('inf')\n"
+        "codes = []\n"
+        "for execution in ('eager', 'native'):\n"
+        "    p = torch.nn.Parameter(torch.zeros_like(g)); p.grad = g.clone()\n"
+        "    opt = hf_optim.AdamW([p], betas=(0.0, 0.0), execution=execution, state_precision='8bit',\n"
+        "                         min_8bit_size=0)\n"
+        "    opt.step()\n"
+        "    codes.append([opt.state[p][k] for k in sorted(opt.state[p]) if k != 'step'])\n"
+        "print(all(torch.equal(a, b) for a, b in zip(*codes)))\n"
+    )
+    env = {**os.environ, "HF_OPTIM_CACHE": str(tmp_path / "cache"), "HF_OPTIM_NATIVE_FLAGS": "-mno-avx512f"}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == "True", out.stderr[-2000:]

@@ -11,10 +11,12 @@ The shared library is built on first use with ``-O3 -march=native`` (under a
 second) and cached under ``$HF_OPTIM_CACHE`` (default ``~/.cache/hf_optim``)
 by a hash of the source, flags, compiler and CPU, so it matches the machine it
 runs on; it is loaded with ctypes and links the OpenMP runtime torch already
-loaded. ``step`` is the whole interface. It is also registered as the torch
-operator ``torch.ops.hf_optim.cpu_step`` (with a fake implementation), so a
-compiled graph or other torch code can hold it; the engine calls ``step``
-directly, skipping the operator's per-tensor dispatch.
+loaded. ``$HF_OPTIM_NATIVE_FLAGS`` adds compiler flags (e.g. ``-mno-avx512f``
+for the portable C path on a machine that has AVX-512). ``step`` is the whole
+interface. It is also registered as the torch operator
+``torch.ops.hf_optim.cpu_step`` (with a fake implementation), so a compiled
+graph or other torch code can hold it; the engine calls ``step`` directly,
+skipping the operator's per-tensor dispatch.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import functools
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -142,6 +145,7 @@ def _library() -> ctypes.CDLL | str:
     if cc is None:
         return "no C compiler (gcc or cc) found"
     flags = FLAGS + (X86_FLAGS if platform.machine().lower() in ("x86_64", "amd64") else ())
+    flags += tuple(shlex.split(os.environ.get("HF_OPTIM_NATIVE_FLAGS", "")))
     try:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError) as err:

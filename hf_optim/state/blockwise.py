@@ -11,14 +11,16 @@ The code map is closed-form companding: level(c) = sign(c) * |c| ** k / N ** k,
 with N = 127 and k = 2 (square) for signed buffers, N = 255 and k = 4 (fourth
 power) for unsigned ones; in fp32, ``|c| ** k`` by exact integer products
 times ``1 / N ** k`` (rounded so the top level is exactly 1). Encoding needs
-no table search: a block's values are multiplied by its reciprocal scale, a
-guess ``g = floor(N * a ** (1/k) * (1 - 2**-12))`` is never above the code
-below ``a`` and at most one under it, and two midpoint tests (g vs g + 1,
-g + 1 vs g + 2) give exactly the nearest level, ties going down. The compiled
-step is pure arithmetic that inductor fuses with the update rule, and the
-native CPU kernel (``hf_optim.kernels``) computes the same codes with a
-bit-level root guess instead of ``sqrt``. The code map is a function of the
-codec, never stored per parameter.
+no table search: a block's magnitudes are multiplied by ``fl(N ** k / scale)``
+into code units ``u`` (one division per block), so the levels are the
+integers ``c ** k``. A guess ``g = floor(u ** (1/k) * (1 - 2**-12))`` is never
+above the code below ``u`` and at most one under it, and two tests against
+the exact midpoints of g, g + 1 and g + 2 give the nearest level, ties going
+down. The compiled step is pure arithmetic that inductor fuses with the update
+rule; the native CPU kernel (``hf_optim.kernels``) computes the same codes
+with a cheaper root guess and the midpoints in fp32 (checked against this
+definition for every fp32 ``u``). The code map is a function of the codec,
+never stored per parameter.
 
 Chosen by measurement (``python benchmarks/state_memory.py --maps``): randn
 round trip of 1024x1024 in blocks of 256 (signed map), and AdamW 8-bit vs
@@ -66,7 +68,7 @@ CODES_SUFFIX = ".codes"
 ABSMAX_SUFFIX = ".absmax"
 
 
-#: the root guess is scaled down by this so it never lands above the code below ``a``
+#: the root guess is scaled down by this so it never lands above the code below ``u``
 GUESS_BIAS = 1.0 - 2.0**-12
 
 
@@ -80,7 +82,10 @@ class CodeMap:
         self.power = power
         self.levels = 127 if signed else 255
         self.dtype = torch.int8 if signed else torch.uint8
-        self.scale = _unit_scale(self._power(torch.tensor(float(self.levels))))
+        top = self._power(torch.tensor(float(self.levels)))
+        self.scale = _unit_scale(top)
+        #: fl32(levels ** power): the top of the code units a block's magnitudes are scaled to
+        self.top = top.item()
 
     def _power(self, c: Tensor) -> Tensor:
         """``c ** power`` by products, exact for integral c up to 255 but for c**4's last rounding."""
@@ -96,23 +101,28 @@ class CodeMap:
         """|level| for non-negative fp32 code magnitudes."""
         return self._power(magnitude_code) * self.scale
 
-    def root(self, a: Tensor) -> Tensor:
+    def root(self, u: Tensor) -> Tensor:
         if self.power == 1:
-            return a
+            return u
         if self.power == 2:
-            return a.sqrt()
+            return u.sqrt()
         if self.power == 4:
-            return a.sqrt().sqrt()
-        return a.pow(1.0 / self.power)
+            return u.sqrt().sqrt()
+        return u.pow(1.0 / self.power)
 
-    def nearest(self, a: Tensor) -> Tensor:
-        """The code magnitude (fp32, integral) nearest to ``a`` in [0, 1]; ties go down."""
-        # g is the code just below a or the one under it (the bias beats the root's rounding),
-        # so the nearest is g, g + 1 or g + 2: two midpoint tests decide exactly
-        g = (self.root(a) * (self.levels * GUESS_BIAS)).floor().clamp(0, self.levels - 1)
-        l0, l1, l2 = self.level(g), self.level(g + 1), self.level(g + 2)
-        c = torch.where((a - l0) > (l1 - a), g + 1, g)
-        return torch.where((a - l1) > (l2 - a), g + 2, c)
+    def midpoint(self, c: Tensor) -> Tensor:
+        """Between the exact levels ``c ** power`` and ``(c + 1) ** power``, in float64 (where it is exact)."""
+        c = c.double()
+        return (self._power(c) + self._power(c + 1)) * 0.5
+
+    def nearest(self, u: Tensor) -> Tensor:
+        """The code magnitude (fp32, integral) whose level ``c ** power`` is nearest to ``u`` in [0, top] (code
+        units); ties go down."""
+        # g is the code just below u or the one under it (the bias beats the root's rounding),
+        # so the nearest is g, g + 1 or g + 2: two exact midpoint tests decide
+        g = (self.root(u) * GUESS_BIAS).floor().clamp(0, self.levels - 1)
+        exact = u.double()
+        return g + (exact > self.midpoint(g)).float() + (exact > self.midpoint(g + 1)).float()
 
     def table(self) -> Tensor:
         """Every level, in code order (for tests and interop)."""
@@ -192,11 +202,11 @@ class BlockwiseCodec(StateCodec):
         # the scale is the largest *finite* magnitude (NaN and Inf fail `< inf`); comparisons and
         # selects only, because isfinite/isinf compile to scalar loops on CPU
         block_max = torch.where(magnitude < math.inf, magnitude, 0.0).amax(dim=1, keepdim=True)
-        # one division per block, then products (the native kernel normalizes the same way)
-        a = magnitude * torch.where(block_max > 0, block_max, 1.0).reciprocal()
-        # +-Inf (and rounding just above 1) saturate to 1; NaN fails `>= 0` and becomes 0
-        a = torch.where(a >= 0.0, torch.where(a < 1.0, a, 1.0), 0.0)
-        c = cmap.nearest(a)
+        # into code units: one division per block, then products (the native kernel's arithmetic)
+        u = magnitude * torch.full_like(block_max, cmap.top).div_(torch.where(block_max > 0, block_max, 1.0))
+        # +-Inf (and rounding just above the top) saturate to the top; NaN fails `>= 0` and becomes 0
+        u = torch.where(u >= 0.0, torch.where(u < cmap.top, u, cmap.top), 0.0)
+        c = cmap.nearest(u)
         if cmap.signed:
             c = torch.where(value < 0, -c, c)
         codes.copy_(c.view(codes.shape))
