@@ -227,6 +227,8 @@ class Optimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             scalars = self.rule.scalars(group)
             flags = self._flags(group)
+            # what, beside the parameter, a step configuration depends on (its cache key's group part)
+            group_key = (group["state_precision"], group["kahan_sum"], tuple(flags.items()))
             # parameters that share a configuration and device run as one bucket:
             # (config, mode, step items, their parameters for the pager), keyed by id(config) and device
             buckets: dict[tuple, tuple[StepConfig, str, list[StepItem], list[Tensor]]] = {}
@@ -241,14 +243,14 @@ class Optimizer(torch.optim.Optimizer):
                     if self._pager is not None:  # paged placement: decide where the new state lives
                         self._pager.place(p, state)
                 local, grad = _local(p), _local(p.grad)
-                config = self._config(p, name, group, flags)
+                config = self._config(p, name, group, flags, group_key)
                 key = (id(config), local.device)
                 if key not in buckets:
                     buckets[key] = (config, self._mode(config, local.device), [], [])
                 _, mode, items, owners = buckets[key]
                 if mode == "native" and local.is_contiguous() and grad.dtype == local.dtype:
-                    # the kernel reads raw storage: no working-layout views to build
-                    items.append(StepItem(local.detach(), grad.detach(), state, None))
+                    # the kernel reads raw storage: no working-layout views (nor detached aliases) to build
+                    items.append(StepItem(local, grad, state, None))
                 else:
                     items.append(_flat(local, grad, state, config.block))
                 owners.append(p)
@@ -285,14 +287,15 @@ class Optimizer(torch.optim.Optimizer):
         return ValueError(f"Invalid execution: 'native' for {type(self).__name__}: {why} "
                           f"(native kernels: {', '.join(native.KERNELS)}; 'auto' falls back to compiled or eager)")
 
-    def _config(self, p: Tensor, name: str | None, group: Mapping[str, Any], flags: dict[str, Any]) -> StepConfig:
+    def _config(self, p: Tensor, name: str | None, group: Mapping[str, Any], flags: dict[str, Any],
+                group_key: tuple) -> StepConfig:
         """The step configuration of one parameter (cached: computed once per group setting)."""
-        if self.rule.wants_param_ndim:
-            flags = dict(flags)  # e.g. LAMB/LARS: biases and norms (ndim <= 1) skip the trust ratio
-            flags["param_ndim"] = p.dim()
-        cache_key = (id(p), p.dtype, p.numel(), group["state_precision"], group["kahan_sum"], tuple(flags.items()))
+        cache_key = (id(p), p.dtype, p.numel(), p.dim(), group_key)
         config = self._configs.get(cache_key)
         if config is None:
+            if self.rule.wants_param_ndim:
+                flags = dict(flags)  # e.g. LAMB/LARS: biases and norms (ndim <= 1) skip the trust ratio
+                flags["param_ndim"] = p.dim()
             layout = self._layout(p, name, group)
             config = StepConfig(self.rule, layout, tuple(flags.items()), p.dtype, self._kahan(p, group), _norm_for(p))
             # one object per distinct configuration, so buckets can key on its id

@@ -175,16 +175,16 @@ class Executor:
         self._compile_failed = False
 
     def run(self, mode: str, config: StepConfig, items: list[StepItem], hp: dict[str, Tensor]) -> None:
-        # every parameter's counter advances once, here, before its step (or its row chunks) runs
-        torch._foreach_add_([item.state["step"] for item in items], 1)
         eager = self._eager.get(config)
         if eager is None:
             eager = self._eager[config] = make_step(
                 config.rule, config.codecs, dict(config.flags), config.param_dtype, config.kahan, config.norm
             )
-        if mode == "native":
+        if mode == "native":  # the kernel advances the step counters itself
             _run_native(config, items, hp, eager)
             return self._write_back(items)
+        # every parameter's counter advances once, here, before its step (or its row chunks) runs
+        torch._foreach_add_([item.state["step"] for item in items], 1)
         if config.rule.elementwise:
             items = [chunk for item in items for chunk in row_chunks(item)]
         start = 0
@@ -233,21 +233,21 @@ class Executor:
 
 
 def _run_native(config: StepConfig, items: list[StepItem], hp: dict[str, Tensor], eager: StepFn) -> None:
-    """One kernel call per distinct step count (usually one): the coefficients depend on it."""
+    """One kernel call per distinct step count (usually one): the coefficients depend on it. The kernel
+    advances each parameter's counter; the coefficients take the advanced count."""
     flags = dict(config.flags)
     odd = [item for item in items if item.g.dtype != item.p.dtype]  # e.g. fp32 grads of bf16 params
     for item in odd:
+        item.state["step"].add_(1)
         eager(item.p, item.g, item.state, hp)
-    items = [item for item in items if item.g.dtype == item.p.dtype]
-    if not items:
-        return
     by_step: dict[float, list[StepItem]] = {}
-    for item, value in zip(items, torch.stack([item.state["step"] for item in items]).tolist()):
-        by_step.setdefault(value, []).append(item)
+    for item in items:
+        if item.g.dtype == item.p.dtype:
+            by_step.setdefault(item.state["step"].item() + 1, []).append(item)
     storage = [native.storage_code(buffer, codec) for buffer, codec in config.codecs]
     keys = [key for buffer, codec in config.codecs for key in codec.keys(buffer)]
-    for group in by_step.values():
-        c = config.rule.coefficients(hp, group[0].state["step"], flags)  # in the order the kernel reads
+    for count, group in by_step.items():
+        c = config.rule.coefficients(hp, torch.tensor(count), flags)  # in the order the kernel reads
         params = [item.p for item in group]
         # the operator's body, without its per-tensor dispatch (~8 us a tensor); parameters are
         # still version-bumped, as in-place ops would, so autograd sees they changed
@@ -260,6 +260,7 @@ def _run_native(config: StepConfig, items: list[StepItem], hp: dict[str, Tensor]
             config.rule.name,
             storage,
             native.flag_bits(config.rule, flags, config.kahan),
+            [item.state["step"] for item in group],
         )
         torch.autograd.graph.increment_version(params)
 

@@ -226,9 +226,12 @@ def test_kernel_quantizer_at_levels_and_either_side_of_every_midpoint():
 def test_torch_library_operator_passes_opcheck():
     p, g = torch.randn(700), torch.randn(700)
     stored = EIGHT_BIT.allocate(Buffer("exp_avg", "signed"), p)
+    counter = torch.zeros(())
     args = ([p], [g], [stored["exp_avg.codes"], stored["exp_avg.absmax"]], [],
-            torch.tensor([1e-4, 0.99, 0.9, 0.1, 0.99, 0.01]), "lion", [1], 0)
+            torch.tensor([1e-4, 0.99, 0.9, 0.1, 0.99, 0.01]), "lion", [1], 0, [counter])
     torch.library.opcheck(torch.ops.hf_optim.cpu_step.default, args)
+    torch.ops.hf_optim.cpu_step(*args)
+    assert counter.item() == 1.0  # the kernel advances each step counter once per call
 
 
 @pytest.mark.parametrize("precision", ["8bit", "fp32"])

@@ -41,9 +41,10 @@ enum { PARAM_FP32 = 0, PARAM_BF16 = 1 };
 enum { FLAG_MAXIMIZE = 1, FLAG_AMSGRAD = 2, FLAG_KAHAN = 4, FLAG_NESTEROV = 8 };
 enum { RULE_ADAMW = 0, RULE_LION = 1, RULE_SGD = 2, RULE_ADAN = 3, RULE_RANGER = 4 };
 
-/* One parameter: addresses as integers (filled from Python), state buffers in rule order. */
+/* One parameter: addresses as integers (filled from Python), state buffers in rule order; ``counter`` is its fp32
+   step count (0: none), advanced by one per step. */
 typedef struct {
-  int64_t numel, param, grad, kahan;
+  int64_t numel, param, grad, kahan, counter;
   int64_t state[MAX_BUFFERS], absmax[MAX_BUFFERS];
 } item_t;
 
@@ -376,6 +377,8 @@ int hf_optim_step(int rule, const item_t *items, int64_t n_items, const int64_t 
   if (rule < 0 || rule >= (int)(sizeof(RULES) / sizeof(RULES[0])) || n_buffers > MAX_BUFFERS) return 1;
   const spec_t sp = { RULES[rule], coefficients, n_buffers, param_dtype, flags, storage };
   const int64_t total = first_block[n_items];
+  for (int64_t i = 0; i < n_items; ++i)
+    if (items[i].counter) *(float *)items[i].counter += 1.0f;
 #pragma omp parallel for schedule(static) num_threads(n_threads)
   for (int64_t b = 0; b < total; ++b) {
     int64_t lo = 0, hi = n_items - 1; /* the item holding global block b */

@@ -21,9 +21,11 @@ skipping the operator's per-tensor dispatch.
 
 from __future__ import annotations
 
+import array
 import ctypes
 import functools
 import hashlib
+import itertools
 import os
 import platform
 import shlex
@@ -197,13 +199,16 @@ def step(
     rule: str,
     storage: Sequence[int],
     flags: int,
+    counters: Sequence[Tensor] = (),
 ) -> None:
     """One step of ``rule`` for every parameter, in place (the body of ``torch.ops.hf_optim.cpu_step``).
 
     ``states`` holds each parameter's buffers in rule order, item after item:
     one fp32 tensor per fp32 buffer, codes then block scales per 8-bit one.
-    ``kahans`` is empty or one compensation buffer per (bf16) parameter. Every
-    tensor must be contiguous; a parameter and its gradient share dtype and size.
+    ``kahans`` is empty or one compensation buffer per (bf16) parameter;
+    ``counters`` is empty or one fp32 scalar step count per parameter, which the
+    kernel advances by one. Every tensor must be contiguous; a parameter and its
+    gradient share dtype and size.
     """
     lib = _library()
     if isinstance(lib, str):
@@ -212,35 +217,51 @@ def step(
     if len(storage) > _MAX_BUFFERS:
         raise ValueError(f"cpu_step: at most {_MAX_BUFFERS} state buffers, got {len(storage)}")
     per_item = sum(1 if code == _STORE_FP32 else 2 for code in storage)
-    if len(states) != per_item * len(params) or len(grads) != len(params) or len(kahans) not in (0, len(params)):
-        raise ValueError("cpu_step: params, grads, states and kahans do not line up")
-    rows, first_block = [], [0]
-    for i, (p, g) in enumerate(zip(params, grads)):
-        if p.dtype != g.dtype or p.numel() != g.numel() or not (p.is_contiguous() and g.is_contiguous()):
-            raise ValueError("cpu_step: parameters and gradients must be contiguous and alike")
-        # cpu_step.c's item_t: numel, param, grad, kahan, state[MAX_BUFFERS], absmax[MAX_BUFFERS]
-        row = [p.numel(), p.data_ptr(), g.data_ptr(), kahans[i].data_ptr() if kahans else 0] + [0] * 2 * _MAX_BUFFERS
-        tensors = iter(states[i * per_item : (i + 1) * per_item])
-        for k, code in enumerate(storage):
-            row[4 + k] = next(tensors).data_ptr()
-            if code != _STORE_FP32:
-                row[4 + _MAX_BUFFERS + k] = next(tensors).data_ptr()
-        rows.append(row)
-        first_block.append(first_block[-1] + -(-p.numel() // BLOCK))
-    items = torch.tensor(rows, dtype=torch.int64)
-    blocks = torch.tensor(first_block, dtype=torch.int64)
+    if (len(states) != per_item * len(params) or len(grads) != len(params) or len(kahans) not in (0, len(params))
+            or len(counters) not in (0, len(params))):
+        raise ValueError("cpu_step: params, grads, states, kahans and counters do not line up")
+    if any(c.dtype != torch.float32 or c.numel() != 1 for c in counters):
+        raise ValueError("cpu_step: step counters must be fp32 scalars")
+    if any(p.dtype != g.dtype or p.numel() != g.numel() for p, g in zip(params, grads)) or not all(
+        t.is_contiguous() for t in (*params, *grads)
+    ):
+        raise ValueError("cpu_step: parameters and gradients must be contiguous and alike")
+    # cpu_step.c's item_t, one row per parameter: numel, param, grad, kahan, counter, state[MAX_BUFFERS],
+    # absmax[MAX_BUFFERS]; filled a column at a time (one pass over the tensors each: per-tensor Python is
+    # most of this call's cost for many small parameters)
+    numels = [p.numel() for p in params]
+    none = [0] * len(params)
+    columns = [numels, _pointers(params), _pointers(grads), _pointers(kahans) or none, _pointers(counters) or none]
+    data, scales = [none] * _MAX_BUFFERS, [none] * _MAX_BUFFERS
+    k = 0
+    for i, code in enumerate(storage):
+        data[i] = _pointers(states[k::per_item])
+        if code != _STORE_FP32:
+            scales[i] = _pointers(states[k + 1 :: per_item])
+        k += 1 if code == _STORE_FP32 else 2
+    columns += data + scales
+    rows = array.array("q", bytes(8 * len(columns) * len(params)))
+    for j, column in enumerate(columns):
+        rows[j :: len(columns)] = array.array("q", column)
+    first_block = array.array("q", itertools.accumulate((-(-n // BLOCK) for n in numels), initial=0))
     codes = (ctypes.c_int * max(len(storage), 1))(*storage)
     c = coefficients.contiguous()
     dtype = _PARAM_DTYPES[params[0].dtype] if params else 0
     status = lib.hf_optim_step(
-        kernel.index, items.data_ptr(), len(rows), blocks.data_ptr(), c.data_ptr(), len(storage), codes, dtype,
-        flags, torch.get_num_threads(),
+        kernel.index, rows.buffer_info()[0], len(params), first_block.buffer_info()[0], c.data_ptr(), len(storage),
+        codes, dtype, flags, torch.get_num_threads(),
     )
     if status:
         raise RuntimeError(f"cpu_step: the kernel rejected rule {rule!r} with {len(storage)} buffers")
 
 
-@torch.library.custom_op("hf_optim::cpu_step", mutates_args=("params", "states", "kahans"), device_types="cpu")
+def _pointers(tensors: Sequence[Tensor]) -> list[int]:
+    return [t.data_ptr() for t in tensors]
+
+
+@torch.library.custom_op(
+    "hf_optim::cpu_step", mutates_args=("params", "states", "kahans", "counters"), device_types="cpu"
+)
 def cpu_step(
     params: list[Tensor],
     grads: list[Tensor],
@@ -250,13 +271,14 @@ def cpu_step(
     rule: str,
     storage: list[int],
     flags: int,
+    counters: list[Tensor],
 ) -> None:
     """``step`` as a torch operator: traceable (its fake does nothing) and version-counted."""
-    step(params, grads, states, kahans, coefficients, rule, storage, flags)
+    step(params, grads, states, kahans, coefficients, rule, storage, flags, counters)
 
 
 @cpu_step.register_fake
-def _(params, grads, states, kahans, coefficients, rule, storage, flags) -> None:
+def _(params, grads, states, kahans, coefficients, rule, storage, flags, counters) -> None:
     return None
 
 
