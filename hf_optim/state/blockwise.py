@@ -15,11 +15,11 @@ no table search: a block's magnitudes are multiplied by ``fl(N ** k / scale)``
 into code units ``u`` (one division per block), so the levels are the
 integers ``c ** k``. A guess ``g = floor(u ** (1/k) * (1 - 2**-12))`` is never
 above the code below ``u`` and at most one under it, and two tests against
-the exact midpoints of g, g + 1 and g + 2 give the nearest level, ties going
-down. The compiled step is pure arithmetic that inductor fuses with the update
-rule; the native CPU kernel (``hf_optim.kernels``) computes the same codes
-with a cheaper root guess and the midpoints in fp32 (checked against this
-definition for every fp32 ``u``). The code map is a function of the codec,
+the midpoints of g, g + 1 and g + 2, exact in fp32, give the nearest level,
+ties going down. The compiled step is pure arithmetic that inductor fuses with
+the update rule; the native CPU kernel (``hf_optim.kernels``) computes the
+same codes with a cheaper root guess. Both were checked against the exact
+nearest level for every fp32 ``u``. The code map is a function of the codec,
 never stored per parameter.
 
 Chosen by measurement (``python benchmarks/state_memory.py --maps``): randn
@@ -110,10 +110,21 @@ class CodeMap:
             return u.sqrt().sqrt()
         return u.pow(1.0 / self.power)
 
-    def midpoint(self, c: Tensor) -> Tensor:
-        """Between the exact levels ``c ** power`` and ``(c + 1) ** power``, in float64 (where it is exact)."""
-        c = c.double()
-        return (self._power(c) + self._power(c + 1)) * 0.5
+    def above_midpoint(self, u: Tensor, c: Tensor) -> Tensor:
+        """Whether ``u`` lies above the midpoint of the exact levels ``c ** power`` and ``(c + 1) ** power``,
+        decided exactly (for integral fp32 ``c``)."""
+        if self.power == 2:  # c(c + 1) + 1/2: exact in fp32
+            return u > c * (c + 1) + 0.5
+        if self.power == 4:
+            # (q^2 - 1/2) with q = c(c + 1) + 1 up to 65281: q^2 = A + B + C, each exact in fp32 (q = qh + ql,
+            # qh a multiple of 256), and near the midpoint the two subtractions are exact too (checked for
+            # every fp32 u by the tests)
+            q = c * (c + 1) + 1
+            qh = (q * (1 / 256)).floor() * 256
+            ql = q - qh
+            return (u - qh * qh) - 2 * qh * ql > ql * ql - 0.5
+        exact = c.double()  # the other maps (compared in benchmarks only): float64 holds them exactly
+        return u.double() > (self._power(exact) + self._power(exact + 1)) * 0.5
 
     def nearest(self, u: Tensor) -> Tensor:
         """The code magnitude (fp32, integral) whose level ``c ** power`` is nearest to ``u`` in [0, top] (code
@@ -121,8 +132,7 @@ class CodeMap:
         # g is the code just below u or the one under it (the bias beats the root's rounding),
         # so the nearest is g, g + 1 or g + 2: two exact midpoint tests decide
         g = (self.root(u) * GUESS_BIAS).floor().clamp(0, self.levels - 1)
-        exact = u.double()
-        return g + (exact > self.midpoint(g)).float() + (exact > self.midpoint(g + 1)).float()
+        return g + self.above_midpoint(u, g).float() + self.above_midpoint(u, g + 1).float()
 
     def table(self) -> Tensor:
         """Every level, in code order (for tests and interop)."""
