@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from . import registry
+from .sizes import parse_size
 
 #: bytes of the per-parameter ``step`` counter (a 0-d fp32 tensor)
 STEP_BYTES = 4
@@ -73,16 +74,13 @@ def parse_count(text: str | int | float) -> int:
 
 
 def parse_bytes(text: str | int | float) -> int:
-    """``24GB``, ``80GiB``, ``512MB``, or a number of bytes -> an int."""
+    """``24GB``, ``80GiB``, ``512MB``, or a number of bytes -> an int (``hf_optim.sizes``)."""
     if isinstance(text, int | float):
         return int(text)
-    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-    match = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", str(text))
-    unit = match.group(2).upper() if match else None
-    if not match or unit not in units:
+    size = parse_size(str(text))
+    if size is None:
         raise ValueError(f"Invalid memory size: {text!r} (expected e.g. 24GB, 80GiB, 512MB or a byte count)")
-    return int(float(match.group(1)) * units[unit])
+    return size
 
 
 def format_bytes(n: float) -> str:

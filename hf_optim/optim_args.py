@@ -11,11 +11,10 @@ from __future__ import annotations
 import ast
 import difflib
 import json
-import math
 from collections.abc import Mapping
 from typing import Any
 
-_BOOLS = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False}
+from .values import as_bool, as_number
 
 
 def parse_optim_args(text: str | Mapping[str, Any] | None) -> dict[str, Any]:
@@ -97,13 +96,10 @@ def _coerce(key: str, value: Any, default: Any, owner: str) -> Any:
         return ValueError(f"optim_args: {key}={value!r} for {owner} is not {expected}")
 
     if isinstance(default, bool):
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in _BOOLS:
-            return _BOOLS[value.lower()]
-        if isinstance(value, int) and value in (0, 1):
-            return bool(value)
-        raise fail("a boolean (true/false)")
+        flag = as_bool(value)
+        if flag is None:
+            raise fail("a boolean (true/false)")
+        return flag
     if isinstance(default, tuple):
         if isinstance(value, str):
             value = _literal(value)
@@ -111,22 +107,16 @@ def _coerce(key: str, value: Any, default: Any, owner: str) -> Any:
             raise fail(f"a tuple of {len(default)} numbers")
         return tuple(_coerce(key, v, d, owner) for v, d in zip(value, default, strict=True))
     if isinstance(default, int | float) or default is None:
-        if isinstance(value, str):
-            try:
-                value = float(value)
-            except ValueError:
-                if default is None:
-                    return value
-                raise fail("a number") from None
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            if default is None:
+        number = as_number(value)
+        if number is None:
+            if default is None:  # no default to type it: taken as given (e.g. a codec name)
                 return value
             raise fail("a number")
-        if isinstance(default, int) and not isinstance(default, bool) and float(value).is_integer():
-            return int(value)
-        if math.isnan(float(value)):
-            raise fail("a number (got NaN)")
-        return float(value)
+        if isinstance(default, int):
+            if not number.is_integer():
+                raise fail("an integer")
+            return int(number)
+        return number
     if isinstance(default, str):
         if not isinstance(value, str):
             raise fail("a string")

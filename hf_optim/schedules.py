@@ -37,6 +37,7 @@ from .schedule_kinds import (
     WarmupCosine,
     WarmupStableDecay,
 )
+from .values import as_bool, as_number
 
 SCHEDULES: dict[str, type[Schedule]] = {
     cls.name: cls
@@ -157,26 +158,19 @@ def _coerce(name: str, key: str, value: Any, hint: Any) -> Any:
         return ValueError(f"lr_scheduler_kwargs: {key}={value!r} for schedule {name!r} is not {expected}")
 
     if hint is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
-            return value.lower() in ("true", "1")
-        if isinstance(value, int) and value in (0, 1):
-            return bool(value)
-        raise fail("a boolean")
+        flag = as_bool(value)
+        if flag is None:
+            raise fail("a boolean")
+        return flag
     if hint in (int, float):
-        if isinstance(value, str):
-            try:
-                value = float(value)
-            except ValueError:
-                raise fail("a number") from None
-        if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+        number = as_number(value)
+        if number is None:
             raise fail("a number")
         if hint is int:
-            if not float(value).is_integer():
+            if not number.is_integer():
                 raise fail("an integer")
-            return int(value)
-        return float(value)
+            return int(number)
+        return number
     if origin is list:
         if isinstance(value, str):
             try:

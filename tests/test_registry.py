@@ -147,6 +147,13 @@ def test_optim_args_errors_name_key_value_and_allowed(text, message):
         coerce_optim_args(parse_optim_args(text), ADAMW_DEFAULTS, "adamw")
 
 
+def test_optim_args_integer_option_rejects_a_fraction():
+    ranger = {"lr": 1e-3, "k": 6}
+    assert coerce_optim_args(parse_optim_args("k=5"), ranger, "ranger") == {"k": 5}
+    with pytest.raises(ValueError, match=r"k=5.5 for ranger is not an integer"):
+        coerce_optim_args(parse_optim_args("k=5.5"), ranger, "ranger")
+
+
 @given(
     st.floats(min_value=1e-12, max_value=1.0, allow_nan=False),
     st.tuples(st.floats(0, 0.999), st.floats(0, 0.999)),

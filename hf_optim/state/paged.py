@@ -38,7 +38,6 @@ from __future__ import annotations
 import math
 import mmap
 import os
-import re
 import resource
 import tempfile
 import time
@@ -52,14 +51,13 @@ import torch
 from torch import Tensor
 
 from ..execution import flat_state, working_state
+from ..sizes import parse_size
 
 #: fraction of free memory the automatic budget lets states keep beside their parameters
 AUTO_FRACTION = 0.5
 #: pending device->host write-backs before the host waits (bounds device memory in use)
 MAX_IN_FLIGHT = 3
 _ALIGN = 64
-_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
-_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([kmgt]i?)?b?\s*$", re.IGNORECASE)
 _ALLOWED = (
     "bytes (a number > 1 or a size such as '2GiB'), a fraction of free memory in (0, 1] "
     "(0.25 or '25%'), 0 (page everything) or 'auto'"
@@ -84,10 +82,10 @@ def parse_budget(value: Any) -> tuple[str, float]:
             if not 0 < percent <= 100:
                 raise fail()
             return "fraction", percent / 100
-        match = _SIZE.match(text)
-        if match is None:
+        size = parse_size(text)
+        if size is None:
             raise fail()
-        return "bytes", float(int(float(match.group(1)) * _UNITS[(match.group(2) or "").lower()]))
+        return "bytes", float(size)
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
         raise fail()
     if isinstance(value, float) and 0 < value <= 1:
