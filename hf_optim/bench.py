@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from . import registry
+from .engine import EXECUTIONS
 
 Factory = Callable[[list[torch.Tensor]], torch.optim.Optimizer]
 BASELINE = "torch AdamW fused"
@@ -131,8 +132,9 @@ def cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tensors", type=int, default=8, help="number of equal tensors (default 8)")
     parser.add_argument("--steps", type=int, default=10, help="timed rounds (default 10)")
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--execution", choices=("auto", "eager", "compiled", "native"), default="auto",
-                        help="how hf_optim steps (default auto: native where it applies, else compiled)")
+    parser.add_argument("--execution", choices=EXECUTIONS, default="auto",
+                        help="how hf_optim steps (default auto: native where it applies, else compiled for 1M+ "
+                             "elements, else eager)")
     parser.add_argument("--no-peers", action="store_true", help="only torch fused AdamW and hf_optim")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
 

@@ -11,7 +11,6 @@ codecs (``hf_optim.state``) only store.
 from __future__ import annotations
 
 import sys
-import warnings
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar
@@ -35,6 +34,7 @@ from .kernels import native
 from .rules.base import Buffer, UpdateRule
 from .state import CODECS, MIN_8BIT_SIZE, StateCodec, layout, validate_policy
 from .state.placement import PLACEMENTS, build_placement
+from .user_warnings import warn_user
 
 #: version of the state-dict layout, stored in every saved param group
 FORMAT_VERSION = 1
@@ -126,7 +126,7 @@ class Optimizer(torch.optim.Optimizer):
         self._interned: dict[StepConfig, StepConfig] = {}  # one object per distinct configuration
         super().__init__(params, defaults)
         if execution == "compiled" and not compiler_available():
-            warnings.warn("hf_optim: no C++ compiler or GPU found; the compiled step runs eagerly.", stacklevel=2)
+            warn_user("hf_optim: no C++ compiler or GPU found; the compiled step runs eagerly.")
         why = native.rule_unsupported(self.rule) if execution == "native" else None
         if why:
             raise self._native_error(why)
@@ -227,8 +227,9 @@ class Optimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             scalars = self.rule.scalars(group)
             flags = self._flags(group)
-            # what, beside the parameter, a step configuration depends on (its cache key's group part)
-            group_key = (group["state_precision"], group["kahan_sum"], tuple(flags.items()))
+            # the group settings a step configuration depends on (with the parameter, its cache key)
+            storage = (tuple(v) if isinstance(v, list) else v for v in (group.get(k) for k in STORAGE_OPTIONS))
+            group_key = (*storage, group["kahan_sum"], tuple(flags.items()))
             # parameters that share a configuration and device run as one bucket:
             # (config, mode, step items, their parameters for the pager), keyed by id(config) and device
             buckets: dict[tuple, tuple[StepConfig, str, list[StepItem], list[Tensor]]] = {}
@@ -504,7 +505,6 @@ def _flat(p: Tensor, g: Tensor, state: Mapping[str, Tensor], block: int | None) 
     if p.is_contiguous():
         return StepItem(p.view(shape), g.reshape(shape), working_state(state, shape), None)
     return StepItem(p.reshape(shape).clone(), g.reshape(shape), working_state(state, shape), p)
-
 
 
 def _as_tensors(scalars: Mapping[str, Any], device: torch.device) -> dict[str, Tensor]:

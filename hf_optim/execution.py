@@ -10,7 +10,7 @@ hyperparameters are 0-d tensors, so schedules never recompile.
 
 The native path (``hf_optim.kernels``, CPU only, for the rules it covers)
 takes the rule's coefficients from the same ``coefficients`` and does the
-elementwise part in a hand-written kernel, one call per bucket.
+elementwise part in a hand-written kernel, one call per bucket and step count.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import math
 import types
-import warnings
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, NamedTuple
 
@@ -28,6 +27,7 @@ from torch import Tensor
 from .kernels import native
 from .rules.base import Buffer, NormFn, UpdateRule
 from .state.base import StateCodec
+from .user_warnings import warn_user
 
 StepFn = Callable[[Tensor, Tensor, dict[str, Tensor], dict[str, Tensor]], None]
 
@@ -148,7 +148,8 @@ def row_chunks(item: StepItem) -> list[StepItem]:
 
 
 class StepItem(NamedTuple):
-    """One parameter's flattened step inputs; ``writeback`` is the strided original, if any."""
+    """One parameter's step inputs (flattened to the working layout, or raw for the native kernel);
+    ``writeback`` is the strided original, if any."""
 
     p: Tensor
     g: Tensor
@@ -184,9 +185,13 @@ class Executor:
             eager = self._eager[config] = make_step(
                 config.rule, config.codecs, dict(config.flags), config.param_dtype, config.kahan, config.norm
             )
-        if mode == "native":  # the kernel advances the step counters itself
-            _run_native(config, items, hp, eager)
-            return self._write_back(items)
+        if mode == "native":
+            # the kernel (which advances their step counters itself) takes gradients of the parameter's dtype;
+            # the others (e.g. fp32 gradients of bf16 parameters) step eagerly below
+            _run_native(config, [item for item in items if item.g.dtype == item.p.dtype], hp)
+            items, mode = [item for item in items if item.g.dtype != item.p.dtype], "eager"
+            if not items:
+                return
         # every parameter's counter advances once, here, before its step (or its row chunks) runs
         torch._foreach_add_([item.state["step"] for item in items], 1)
         if config.rule.elementwise:
@@ -226,32 +231,26 @@ class Executor:
         except torch._dynamo.exc.BackendCompilerFailed as err:
             # compilation fails before anything runs: fall back for good, with one warning
             self._compile_failed = True
-            warnings.warn(
+            warn_user(
                 f"hf_optim: torch.compile failed ({type(err).__name__}: {str(err)[:200]}); "
                 "running the eager step instead, which is slower but identical.",
                 RuntimeWarning,
-                stacklevel=4,
             )
             return False
         return True
 
 
-def _run_native(config: StepConfig, items: list[StepItem], hp: dict[str, Tensor], eager: StepFn) -> None:
+def _run_native(config: StepConfig, items: list[StepItem], hp: dict[str, Tensor]) -> None:
     """One kernel call per distinct step count (usually one): the coefficients depend on it. The kernel
     advances each parameter's counter; the coefficients take the advanced count."""
     flags = dict(config.flags)
-    odd = [item for item in items if item.g.dtype != item.p.dtype]  # e.g. fp32 grads of bf16 params
-    for item in odd:
-        item.state["step"].add_(1)
-        eager(item.p, item.g, item.state, hp)
     by_step: dict[float, list[StepItem]] = {}
     for item in items:
-        if item.g.dtype == item.p.dtype:
-            by_step.setdefault(item.state["step"].item() + 1, []).append(item)
+        by_step.setdefault(item.state["step"].item() + 1, []).append(item)
     storage = [native.storage_code(buffer, codec) for buffer, codec in config.codecs]
     keys = [key for buffer, codec in config.codecs for key in codec.keys(buffer)]
     for count, group in by_step.items():
-        c = config.rule.coefficients(hp, torch.tensor(count), flags)  # in the order the kernel reads
+        c = config.rule.coefficients(hp, torch.tensor(count), flags)
         params = [item.p for item in group]
         # the operator's body, without its per-tensor dispatch (~8 us a tensor); parameters are
         # still version-bumped, as in-place ops would, so autograd sees they changed
@@ -260,7 +259,7 @@ def _run_native(config: StepConfig, items: list[StepItem], hp: dict[str, Tensor]
             [item.g.contiguous() for item in group],
             [item.state[key] for item in group for key in keys],
             [item.state[KAHAN_KEY] for item in group] if config.kahan else [],
-            torch.stack(list(c.values())),
+            torch.stack([c[name] for name in native.KERNELS[config.rule.name].coefficients]),
             config.rule.name,
             storage,
             native.flag_bits(config.rule, flags, config.kahan),

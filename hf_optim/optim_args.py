@@ -14,7 +14,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from .values import as_bool, as_number
+from .values import as_bool, as_int, as_number
 
 
 def parse_optim_args(text: str | Mapping[str, Any] | None) -> dict[str, Any]:
@@ -106,16 +106,17 @@ def _coerce(key: str, value: Any, default: Any, owner: str) -> Any:
         if not isinstance(value, list | tuple) or len(value) != len(default):
             raise fail(f"a tuple of {len(default)} numbers")
         return tuple(_coerce(key, v, d, owner) for v, d in zip(value, default, strict=True))
-    if isinstance(default, int | float) or default is None:
+    if isinstance(default, int):
+        integer = as_int(value)
+        if integer is None:
+            raise fail("an integer")
+        return integer
+    if isinstance(default, float) or default is None:
         number = as_number(value)
         if number is None:
             if default is None:  # no default to type it: taken as given (e.g. a codec name)
                 return value
             raise fail("a number")
-        if isinstance(default, int):
-            if not number.is_integer():
-                raise fail("an integer")
-            return int(number)
         return number
     if isinstance(default, str):
         if not isinstance(value, str):

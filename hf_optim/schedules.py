@@ -37,7 +37,7 @@ from .schedule_kinds import (
     WarmupCosine,
     WarmupStableDecay,
 )
-from .values import as_bool, as_number
+from .values import as_bool, as_int, as_number
 
 SCHEDULES: dict[str, type[Schedule]] = {
     cls.name: cls
@@ -162,14 +162,15 @@ def _coerce(name: str, key: str, value: Any, hint: Any) -> Any:
         if flag is None:
             raise fail("a boolean")
         return flag
-    if hint in (int, float):
+    if hint is int:
+        integer = as_int(value)
+        if integer is None:
+            raise fail("an integer")
+        return integer
+    if hint is float:
         number = as_number(value)
         if number is None:
             raise fail("a number")
-        if hint is int:
-            if not number.is_integer():
-                raise fail("an integer")
-            return int(number)
         return number
     if origin is list:
         if isinstance(value, str):

@@ -33,3 +33,9 @@ def as_number(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
         return None
     return float(value)
+
+
+def as_int(value: Any) -> int | None:
+    """``as_number`` when it is a whole number, as an int; None otherwise."""
+    number = as_number(value)
+    return int(number) if number is not None and number.is_integer() else None

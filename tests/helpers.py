@@ -67,11 +67,14 @@ def roundtrip(state_dict: dict) -> dict:
 
 
 def code_units(cmap: CodeMap, x: Tensor, scale: Tensor) -> Tensor:
-    """|x| * fl32(top / scale) (scale 0 -> 1), as the codec normalizes; finite inputs only."""
-    return x.abs() * torch.full_like(scale, cmap.top).div(torch.where(scale > 0, scale, 1.0))
+    """|x| * fl32(levels ** power / scale) (scale 0 -> 1), as the codec normalizes; finite inputs only.
+    The top comes from float64 here, not from the codec, so a wrong ``CodeMap.top`` shows."""
+    top = torch.tensor(float(cmap.levels**cmap.power), dtype=torch.float64).float()
+    return x.abs() * top.expand_as(scale).div(torch.where(scale > 0, scale, 1.0))
 
 
 def exact_nearest(cmap: CodeMap, u: Tensor) -> Tensor:
     """Nearest exact level c ** power to u (float64: exact), by exhaustive search; ties go down."""
     levels = torch.arange(0, cmap.levels + 1, dtype=torch.float64) ** cmap.power
-    return (u.double()[:, None] - levels[None, :]).abs().argmin(dim=1)  # the first minimum
+    # the first minimum of every row; in chunks, so a large u needs no (len(u), levels) matrix at once
+    return torch.cat([(chunk.double()[:, None] - levels).abs().argmin(dim=1) for chunk in u.split(1 << 16)])

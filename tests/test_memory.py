@@ -124,7 +124,6 @@ def test_bf16_model_with_kahan_matches_measured():
     assert _measure("adamw", model) == memory.optimizer_memory("adamw", model).state
 
 
-
 def test_paged_state_on_cpu_is_measured_in_full(tmp_path):
     def measure(name, **options):
         model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 8))
@@ -149,6 +148,7 @@ def test_precision_report_models_the_kahan_buffer_before_the_first_step():
     after = opt.precision_report()
     assert all(row.measured for row in after.rows)
     assert [row.state_bytes for row in before.rows] == [row.state_bytes for row in after.rows]
+
 
 def test_cli_memory_json_and_table(capsys):
     assert cli.main(["memory", "--params", "7B", "--json", "--optims", "adamw,adamw_8bit"]) == 0

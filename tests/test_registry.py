@@ -57,7 +57,6 @@ def test_transformers_names_pass_through():
     assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
 
 
-
 def test_transformers_names_take_hyperparameters_and_reject_unknown_ones(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     params = [torch.zeros(2, requires_grad=True)]
@@ -67,6 +66,7 @@ def test_transformers_names_take_hyperparameters_and_reject_unknown_ones(tmp_pat
     with pytest.raises(TypeError, match="bogus"):
         hf_optim.create_optimizer("adamw_torch", params, eps=1e-3, bogus=1)
     assert list(tmp_path.iterdir()) == []  # no output_dir left behind
+
 
 def test_create_optimizer_groups_a_model_like_transformers_and_takes_params_as_given():
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))

@@ -86,7 +86,6 @@ def test_mixin_gives_another_trainer_subclass_the_same_names(tmp_path):
     assert type(trainer.optimizer) is hf_optim.AdamW
 
 
-
 def test_a_trainer_subclass_decides_which_parameters_decay(tmp_path):
     class NoDecayTrainer(hf_optim.Trainer):
         def get_decay_parameter_names(self, model):
@@ -97,6 +96,7 @@ def test_a_trainer_subclass_decides_which_parameters_decay(tmp_path):
     )
     trainer.create_optimizer()
     assert [g["weight_decay"] for g in trainer.optimizer.param_groups] == [0.0]
+
 
 def _train(tmp_path, optim, max_steps, resume=None, save_steps=5):
     model = tiny_bert(seed=1, dropout=0.1)

@@ -7,7 +7,7 @@
  * bit-identical to the eager step's; parameters can
  * differ in the last bit because torch's CPU sqrt is not correctly rounded and this
  * one is. Scalar math (bias corrections, step sizes) is not here: the rule's
- * ``coefficients`` computes it in torch and passes it in, in the order listed below.
+ * ``coefficients`` computes it in torch; native.py passes it in the order ``KERNELS`` lists (and below).
  *
  * Why by hand: a block-wise 8-bit step is compute-bound on CPU (decode, update and
  * re-quantize every element), and inductor's code for it ran ~4x slower than torch's
@@ -111,7 +111,7 @@ static void decode_unsigned(int n, const uint8_t *restrict q, float scale, float
   }
 }
 
-/* Code magnitudes of x (signed where ``is_signed``) in a block of largest finite magnitude ``scale``: u = |x| * r
+/* Codes of x (signed where ``is_signed``) in a block of largest finite magnitude ``scale``: u = |x| * r
    in code units, r = N^k / scale (NaN -> 0, Inf -> N^k); the guess g is the code just below u or the one under
    it, and two exact midpoint tests, u > m(g) and u > m(g + 1), decide (ties go down). The midpoint of c and c + 1
    is c(c + 1) + 1/2 for the square map and (c(c + 1) + 1)^2 - 1/2 for the fourth-power map; the second is tested
@@ -134,20 +134,10 @@ static inline int32_t nearest_code(float u, float g, int is_signed) {
   return (int32_t)(g + up0 + up1);
 }
 
-static void quantize(int n, const float *restrict x, float scale, int32_t *restrict code, int is_signed) {
-  const float top = is_signed ? SIGNED_TOP : UNSIGNED_TOP, r = top / (scale > 0 ? scale : 1.0f);
-  for (int i = 0; i < n; ++i) {
-    float u = code_units(x[i], r, top), t = u > TINY ? u : TINY;
-    float g = floorf((is_signed ? sqrt_below(t) : root4_below(t)) * GUESS_BIAS);
-    int32_t c = nearest_code(u, g, is_signed);
-    code[i] = is_signed && signbit(x[i]) ? -c : c;
-  }
-}
-
 #if defined(__AVX512F__)
 #include <immintrin.h>
 
-/* quantize() on 16 values, as int32 codes: the root guessed with the hardware's reciprocal square root (relative
+/* encode()'s loop on 16 values, as int32 codes: the root guessed with the hardware's reciprocal square root (relative
    error under 2^-14, well inside GUESS_BIAS), and u clamped below at TINY rather than 0 (the same code, 0) */
 static inline __m512i quantize16(__m512 x, __m512 r, int is_signed) {
   const __m512 top = _mm512_set1_ps(is_signed ? SIGNED_TOP : UNSIGNED_TOP), half = _mm512_set1_ps(0.5f);
@@ -186,19 +176,24 @@ static inline __m512i quantize64(const float *x, __m512 r, int is_signed) {
 
 /* One block's codes into ``q`` (int8 or uint8, by ``is_signed``) */
 static void encode(int n, const float *restrict x, float scale, void *restrict q, int is_signed) {
+  const float top = is_signed ? SIGNED_TOP : UNSIGNED_TOP, r = top / (scale > 0 ? scale : 1.0f);
 #if defined(__AVX512F__)
   if (n == BLOCK) {
-    const __m512 r = _mm512_set1_ps((is_signed ? SIGNED_TOP : UNSIGNED_TOP) / (scale > 0 ? scale : 1.0f));
-    for (int i = 0; i < BLOCK; i += 64) _mm512_storeu_si512((uint8_t *)q + i, quantize64(x + i, r, is_signed));
+    for (int i = 0; i < BLOCK; i += 64)
+      _mm512_storeu_si512((uint8_t *)q + i, quantize64(x + i, _mm512_set1_ps(r), is_signed));
     return;
   }
 #endif
-  int32_t code[BLOCK] __attribute__((aligned(64)));
-  quantize(n, x, scale, code, is_signed);
-  for (int i = 0; i < n; ++i) ((uint8_t *)q)[i] = (uint8_t)code[i];
+  uint8_t *restrict out = q;
+  for (int i = 0; i < n; ++i) {
+    float u = code_units(x[i], r, top), t = u > TINY ? u : TINY;
+    float g = floorf((is_signed ? sqrt_below(t) : root4_below(t)) * GUESS_BIAS);
+    int32_t c = nearest_code(u, g, is_signed);
+    out[i] = (uint8_t)(is_signed && signbit(x[i]) ? -c : c); /* two's complement: the int8 code */
+  }
 }
 
-/* ---- update rules: fp32 blocks in place, coefficients in each rule's ``coefficients`` order ---- */
+/* ---- update rules: fp32 blocks in place, coefficients in native.py KERNELS order ---- */
 
 /* hf_optim/rules/adamw.py: decay, beta1, one_minus_beta1, beta2, one_minus_beta2, step_size,
    inv_bias_correction2_sqrt, eps; state exp_avg, exp_avg_sq[, max_exp_avg_sq] */

@@ -146,8 +146,7 @@ def _library() -> ctypes.CDLL | str:
     cc = compiler()
     if cc is None:
         return "no C compiler (gcc or cc) found"
-    flags = FLAGS + (X86_FLAGS if platform.machine().lower() in ("x86_64", "amd64") else ())
-    flags += tuple(shlex.split(os.environ.get("HF_OPTIM_NATIVE_FLAGS", "")))
+    flags = build_flags()
     try:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError) as err:
@@ -172,6 +171,12 @@ def _library() -> ctypes.CDLL | str:
         ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int,
     ]
     return lib
+
+
+def build_flags() -> tuple[str, ...]:
+    """The compiler flags of this machine's build (``$HF_OPTIM_NATIVE_FLAGS`` last)."""
+    flags = FLAGS + (X86_FLAGS if platform.machine().lower() in ("x86_64", "amd64") else ())
+    return flags + tuple(shlex.split(os.environ.get("HF_OPTIM_NATIVE_FLAGS", "")))
 
 
 def _cpu_signature() -> str:

@@ -22,11 +22,8 @@ options (booleans such as ``amsgrad``) arrive in ``flags``.
 from __future__ import annotations
 
 import math
-import sys
-import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -123,19 +120,6 @@ class UpdateRule:
 
 
 # --- validation helpers, worded as torch.optim words them -------------------------
-
-
-#: frames in these folders are not the user's: a warning points past them
-_LIBRARY_DIRS = (str(Path(__file__).resolve().parents[1]), str(Path(torch.__file__).resolve().parent))
-
-
-def warn_user(message: str, category: type[Warning] = UserWarning) -> None:
-    """Warn at the first caller outside hf_optim and torch, however deep the check ran
-    (construction, ``add_param_group``, ``load_state_dict``)."""
-    frame, level = sys._getframe(1), 2
-    while frame.f_back is not None and frame.f_code.co_filename.startswith(_LIBRARY_DIRS):
-        frame, level = frame.f_back, level + 1
-    warnings.warn(message, category, stacklevel=level)
 
 
 def _as_float(value: Any) -> float:

@@ -23,7 +23,8 @@ from typing import Any
 
 from torch import Tensor
 
-from .base import Buffer, NormFn, UpdateRule, _as_float, moment_coefficients, warn_user
+from ..user_warnings import warn_user
+from .base import Buffer, NormFn, UpdateRule, _as_float, moment_coefficients
 
 #: an lr at or above this is AdamW-sized for Lion
 LION_MAX_LR = 1e-3

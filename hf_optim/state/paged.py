@@ -52,6 +52,7 @@ from torch import Tensor
 
 from ..execution import flat_state, working_state
 from ..sizes import parse_size
+from ..user_warnings import warn_user
 
 #: fraction of free memory the automatic budget lets states keep beside their parameters
 AUTO_FRACTION = 0.5
@@ -227,11 +228,10 @@ class PagedPlacement:
         """Copy ``state[keys]`` into one file-backed mapping (its file already unlinked)."""
         if not self._warned_tmpfs and _fs_type(os.path.realpath(self.paged_dir)) in ("tmpfs", "ramfs"):
             self._warned_tmpfs = True
-            warnings.warn(
+            warn_user(
                 f"hf_optim: paged_dir {self.paged_dir!r} is in memory ({_fs_type(self.paged_dir)}): "
                 "paged states will still use RAM; pass paged_dir= (or set TMPDIR to) a disk directory.",
                 RuntimeWarning,
-                stacklevel=4,
             )
         offsets, size = [], 0
         for k in keys:
