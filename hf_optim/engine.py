@@ -32,7 +32,7 @@ from .execution import (
 )
 from .kernels import native
 from .rules.base import Buffer, UpdateRule
-from .state import CODECS, MIN_8BIT_SIZE, StateCodec, layout, validate_policy
+from .state import CODECS, MIN_8BIT_SIZE, StateCodec, keeps_kahan, layout, validate_policy
 from .state.placement import PLACEMENTS, build_placement
 from .user_warnings import warn_user
 
@@ -131,9 +131,8 @@ class Optimizer(torch.optim.Optimizer):
         if why:
             raise self._native_error(why)
         total = sum(p.numel() for g in self.param_groups for p in g["params"])
-        self._compiled = execution == "compiled" or (
-            execution == "auto" and total >= AUTO_COMPILE_MIN_NUMEL and compiler_available()
-        )
+        # where "auto" cannot step natively: compiled for large models, eager for small ones (compile time)
+        self._compiled = execution == "auto" and total >= AUTO_COMPILE_MIN_NUMEL and compiler_available()
         self._modes: dict[tuple, str] = {}  # (id(config), device) -> how that bucket steps
 
     # --- param groups -----------------------------------------------------------------
@@ -203,7 +202,7 @@ class Optimizer(torch.optim.Optimizer):
         return layout(group, name, p.numel(), self.rule.buffers(self._flags(group)))
 
     def _kahan(self, p: Tensor, group: Mapping[str, Any]) -> bool:
-        return bool(group["kahan_sum"]) and p.dtype in (torch.bfloat16, torch.float16)
+        return keeps_kahan(group, p.dtype)
 
     def _new_state(self, p: Tensor, name: str | None, group: Mapping[str, Any]) -> dict[str, Tensor]:
         local = _local(p)
@@ -513,3 +512,14 @@ def _as_tensors(scalars: Mapping[str, Any], device: torch.device) -> dict[str, T
               torch.tensor(value, dtype=torch.float32, device=device))
         for key, value in scalars.items()
     }
+
+
+def unwrap(optimizer: Any) -> Any:
+    """The optimizer under accelerate's ``AcceleratedOptimizer`` (and similar wrappers)."""
+    seen = 0
+    while optimizer is not None and not isinstance(optimizer, Optimizer) and seen < 4:
+        inner = getattr(optimizer, "optimizer", None)
+        if inner is None or inner is optimizer:
+            break
+        optimizer, seen = inner, seen + 1
+    return optimizer

@@ -127,20 +127,20 @@ def group_param_state_bytes(
     rule: Any, group: dict[str, Any], name: str | None, numel: int, dtype: torch.dtype, *, step_counter: bool = True
 ) -> int:
     """Exact state bytes of one parameter under ``rule`` and a param group's options."""
-    from .state import layout
+    from .state import keeps_kahan, layout
 
     flags = {k: group[k] for k in rule.flag_names}
     total = sum(codec.nbytes(numel) for _, codec in layout(group, name, numel, rule.buffers(flags)))
     if step_counter:
         total += STEP_BYTES
-    if group.get("kahan_sum") and dtype in (torch.bfloat16, torch.float16):
+    if keeps_kahan(group, dtype):
         total += numel * dtype.itemsize
     return total
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Measured bytes of every tensor in a live optimizer's state (shared storage counted once)."""
-    from .integrations.callbacks import unwrap  # accelerate's AcceleratedOptimizer and similar wrappers
+    from .engine import unwrap  # accelerate's AcceleratedOptimizer and similar wrappers
 
     optimizer = unwrap(optimizer)
     seen: set[tuple[int, int]] = set()

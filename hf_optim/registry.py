@@ -290,7 +290,8 @@ def _create_transformers_optimizer(name: str, model_or_params: Any, hyperparamet
     from transformers import Trainer, TrainingArguments
 
     lr = hyperparameters.pop("lr", 1e-3)
-    args = TrainingArguments(optim=name, learning_rate=lr)  # output_dir is only a path: nothing is created
+    # output_dir is only a path (nothing is created); transformers before 4.50 requires it
+    args = TrainingArguments(output_dir="trainer_output", optim=name, learning_rate=lr)
     cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args)
     params = model_or_params
     if isinstance(model_or_params, torch.nn.Module):

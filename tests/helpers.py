@@ -11,13 +11,13 @@ from torch import Tensor
 from hf_optim.state.blockwise import CodeMap
 
 
-def tiny_bert(seed: int = 0, dropout: float = 0.1):
+def tiny_bert(seed: int = 0, dropout: float = 0.1, hidden: int = 32, vocab: int = 128):
     """A 2-layer BERT classifier built from a config (no download), with dropout."""
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(seed)
     config = BertConfig(
-        vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        vocab_size=vocab, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2, intermediate_size=2 * hidden,
         max_position_embeddings=32, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
     )
     return BertForSequenceClassification(config)

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from helpers import tiny_bert
 
 import hf_optim
 from hf_optim import cli, memory
@@ -73,14 +74,6 @@ def test_bad_sizes_raise_naming_the_value(bad):
         memory.parse_bytes(bad + "Q")
 
 
-def _tiny_bert():
-    from transformers import BertConfig, BertModel
-
-    torch.manual_seed(0)
-    return BertModel(BertConfig(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                intermediate_size=128, max_position_embeddings=64))
-
-
 def _measure(name, model):
     opt = hf_optim.create_optimizer(name, model, lr=1e-4, execution="eager")
     gen = torch.Generator().manual_seed(0)
@@ -96,7 +89,7 @@ NAMES = ["adamw", "adamw_8bit", "lion", "lion_8bit", "lamb_8bit", "lars", "sgd_8
 
 @pytest.mark.parametrize("name", NAMES)
 def test_predicted_state_bytes_match_a_config_built_model(name):
-    model = _tiny_bert()
+    model = tiny_bert(hidden=64, vocab=300)
     predicted = memory.optimizer_memory(name, model).state
     measured = _measure(name, model)
     assert measured == predicted
@@ -120,7 +113,7 @@ def test_predicted_matches_the_packaged_minilm_with_8bit_and_fp32_kept_tensors()
 
 
 def test_bf16_model_with_kahan_matches_measured():
-    model = _tiny_bert().to(torch.bfloat16)
+    model = tiny_bert(hidden=64, vocab=300).to(torch.bfloat16)
     assert _measure("adamw", model) == memory.optimizer_memory("adamw", model).state
 
 

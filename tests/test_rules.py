@@ -300,7 +300,7 @@ def test_compiled_equals_eager(name):
 
 def test_lion_warns_for_adamw_sized_lr_and_weight_decay():
     p = [torch.zeros(3, requires_grad=True)]
-    with pytest.warns(UserWarning, match=r"lr=0\.001, an AdamW-sized learning rate.*3-10x less") as record:
+    with pytest.warns(UserWarning, match=r"lr=0\.001, an AdamW-sized learning rate.*3-10x smaller lr") as record:
         hf_optim.Lion(p, lr=1e-3, weight_decay=0.1)
     assert record[0].filename == __file__  # points at the caller's line, not into hf_optim or torch
     with pytest.warns(UserWarning, match=r"weight_decay=0\.01, an AdamW-sized value.*0\.03-0\.1"):

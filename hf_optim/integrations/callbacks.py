@@ -30,7 +30,8 @@ import torch
 from transformers import TrainerCallback
 
 from .. import memory
-from ..rules.lion import LION_MAX_LR
+from ..engine import Optimizer, unwrap
+from ..rules.lion import LION_MAX_LR, adamw_sized_advice
 
 logger = logging.getLogger("hf_optim")
 
@@ -42,22 +43,6 @@ SPIKE_ACTIONS = ("warn", "reduce_beta2", "skip")
 class OptimizerWarning(UserWarning):
     """A configuration that trains, but worse than it could (category for ``warnings`` filters)."""
 
-
-def unwrap(optimizer: Any) -> Any:
-    """The optimizer under accelerate's ``AcceleratedOptimizer`` (and similar wrappers)."""
-    seen = 0
-    while optimizer is not None and not isinstance(optimizer, _hf_optimizer_cls()) and seen < 4:
-        inner = getattr(optimizer, "optimizer", None)
-        if inner is None or inner is optimizer:
-            break
-        optimizer, seen = inner, seen + 1
-    return optimizer
-
-
-def _hf_optimizer_cls() -> type:
-    from ..engine import Optimizer
-
-    return Optimizer
 
 
 def rule_name(optimizer: Any) -> str:
@@ -97,7 +82,7 @@ def optimizer_report(optimizer: Any, lr_scheduler: Any = None) -> dict[str, Any]
     }
     if lr_scheduler is not None and getattr(lr_scheduler, "name", None):
         report["schedule"] = f"{report['schedule']} ({lr_scheduler.name})"
-    hf_opt = isinstance(opt, _hf_optimizer_cls())
+    hf_opt = isinstance(opt, Optimizer)
     precisions = iter([row.precision for row in opt.precision_report().rows] if hf_opt else [])
     predicted = 0
     for index, group in enumerate(opt.param_groups):
@@ -189,17 +174,14 @@ def _checks(optimizer: Any, batch_size: int | None) -> list[tuple[str, str]]:
     opt = unwrap(optimizer)
     rule = rule_name(opt)
     problems: list[tuple[str, str]] = []
-    hf_opt = isinstance(opt, _hf_optimizer_cls())
+    hf_opt = isinstance(opt, Optimizer)
     for index, group in enumerate(opt.param_groups):
         lr = _group_lr(group)
         wd = _float(group.get("weight_decay", 0.0))
         if "lion" in rule and lr >= LION_MAX_LR:
             problems.append((
                 "lion_lr",
-                f"Lion got lr={lr:g} (group {index}), an AdamW-sized learning rate. Lion's sign update moves "
-                f"every weight by the full lr each step: use a 3-10x smaller lr ({lr / 10:.2g}..{lr / 3:.2g}) "
-                f"and a 3-10x larger weight_decay ({wd * 3:.2g}..{wd * 10:.2g}); "
-                "hf_optim.translate_hparams converts AdamW settings.",
+                f"Lion got lr={lr:g} (group {index}), an AdamW-sized learning rate. {adamw_sized_advice(lr, wd)}",
             ))
         if wd > 0 and lr > 0 and not (hf_opt and group.get("kahan_sum")):
             bf16 = [n for n, p in zip(_param_names(group), group["params"], strict=True) if p.dtype == torch.bfloat16]
@@ -239,7 +221,7 @@ class GuardRailCallback(TrainerCallback):
             return
         found = _checks(optimizer, global_batch_size(args))
         self.problems = [message for _, message in found]
-        rule_warned = isinstance(unwrap(optimizer), _hf_optimizer_cls())  # hf_optim's Lion warns when built
+        rule_warned = isinstance(unwrap(optimizer), Optimizer)  # hf_optim's Lion warns when built
         for kind, message in found:
             logger.warning("hf_optim: %s", message)
             if not (kind == "lion_lr" and rule_warned):

@@ -12,7 +12,7 @@
  * Why by hand: a block-wise 8-bit step is compute-bound on CPU (decode, update and
  * re-quantize every element), and inductor's code for it ran ~4x slower than torch's
  * fused fp32 AdamW. Here each block's temporaries live in L1 and the quantizer needs
- * no sqrt: a root guess plus two exact midpoint tests (hf_optim/state/blockwise.py).
+ * no sqrt: a root guess plus one exact midpoint test (the eager codec, hf_optim/state/blockwise.py, makes two).
  * Where the compiler targets AVX-512, whole blocks are quantized with intrinsics (the
  * hardware's reciprocal square root for the guess, packed stores); the plain C loop
  * handles ragged blocks and other CPUs. Both were checked against the exact nearest
@@ -35,6 +35,10 @@
 #define UNSIGNED_TOP 4228250624.0f
 #define GUESS_BIAS (1.0f - 1.0f / 4096.0f)
 #define TINY 1e-30f /* keeps the root guesses finite */
+/* The nearest code is the number of midpoints below u: ceil(t) where midpoint(t) = u for real t. Over u >= 1/2,
+   t lies in [root - 0.5 - 0.341, root - 0.5] (0.207 for the square map), and for u < 1/2 (code 0) root < 0.841, so
+   g = ceil(root * GUESS_BIAS - GUESS_OFFSET) is ceil(t) or one under it: one midpoint test decides */
+#define GUESS_OFFSET 0.92f
 
 enum { STORE_FP32 = 0, STORE_SIGNED_8BIT = 1, STORE_UNSIGNED_8BIT = 2 };
 enum { PARAM_FP32 = 0, PARAM_BF16 = 1 };
@@ -112,8 +116,8 @@ static void decode_unsigned(int n, const uint8_t *restrict q, float scale, float
 }
 
 /* Codes of x (signed where ``is_signed``) in a block of largest finite magnitude ``scale``: u = |x| * r
-   in code units, r = N^k / scale (NaN -> 0, Inf -> N^k); the guess g is the code just below u or the one under
-   it, and two exact midpoint tests, u > m(g) and u > m(g + 1), decide (ties go down). The midpoint of c and c + 1
+   in code units, r = N^k / scale (NaN -> 0, Inf -> N^k); the guess g is the nearest code or the one under
+   it, and one exact midpoint test, u > m(g), decides (ties go down). The midpoint of c and c + 1
    is c(c + 1) + 1/2 for the square map and (c(c + 1) + 1)^2 - 1/2 for the fourth-power map; the second is tested
    as fl(q^2 - u) < 1/2 with one fused multiply-add, exact because near 1/2 that difference is representable. */
 static inline float code_units(float x, float r, float top) {
@@ -123,42 +127,42 @@ static inline float code_units(float x, float r, float top) {
 }
 
 static inline int32_t nearest_code(float u, float g, int is_signed) {
-  float g1 = g + 1.0f, up0, up1;
-  if (is_signed) {
-    float m0 = g * g1 + 0.5f, m1 = m0 + (g1 + g1);
-    up0 = u > m0, up1 = u > m1;
-  } else {
-    float q0 = g * g1 + 1.0f, q1 = q0 + (g1 + g1);
-    up0 = fmaf(q0, q0, -u) < 0.5f, up1 = fmaf(q1, q1, -u) < 0.5f;
-  }
-  return (int32_t)(g + up0 + up1);
+  float g1 = g + 1.0f, q = g * g1 + (is_signed ? 0.5f : 1.0f);
+  return (int32_t)g + (is_signed ? u > q : fmaf(q, q, -u) < 0.5f);
 }
 
-#if defined(__AVX512F__)
+/* AVX-512 F, BW (the byte packs) and DQ (movepi32_mask) */
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__)
+#define HAS_AVX512 1
+#else
+#define HAS_AVX512 0
+#endif
+#if HAS_AVX512
 #include <immintrin.h>
 
 /* encode()'s loop on 16 values, as int32 codes: the root guessed with the hardware's reciprocal square root (relative
-   error under 2^-14, well inside GUESS_BIAS), and u clamped below at TINY rather than 0 (the same code, 0) */
+   error under 2^-14, well inside GUESS_BIAS) */
 static inline __m512i quantize16(__m512 x, __m512 r, int is_signed) {
   const __m512 top = _mm512_set1_ps(is_signed ? SIGNED_TOP : UNSIGNED_TOP), half = _mm512_set1_ps(0.5f);
   const __m512i one = _mm512_set1_epi32(1);
-  /* max(., TINY) returns its second operand for NaN */
-  __m512 u = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(_mm512_abs_ps(x), r), _mm512_set1_ps(TINY)), top);
+  /* min returns its second operand when either is NaN: unsigned, a NaN or 0 u turns the guess into the integer
+     indefinite, which the saturating packs store as 0; signed, max(., TINY) makes it TINY first */
+  __m512 u = _mm512_mul_ps(_mm512_abs_ps(x), r);
+  if (is_signed) u = _mm512_max_ps(u, _mm512_set1_ps(TINY));
+  u = _mm512_min_ps(top, u);
   __m512 root = _mm512_mul_ps(u, _mm512_rsqrt14_ps(u));
   if (!is_signed) root = _mm512_mul_ps(root, _mm512_rsqrt14_ps(root));
-  __m512i code = _mm512_cvt_roundps_epi32(_mm512_mul_ps(root, _mm512_set1_ps(GUESS_BIAS)),
-                                          _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-  __m512 g = _mm512_cvtepi32_ps(code), g1 = _mm512_add_ps(g, _mm512_set1_ps(1.0f)), step = _mm512_add_ps(g1, g1);
-  __mmask16 up0, up1;
+  __m512i code = _mm512_cvt_roundps_epi32(_mm512_fmsub_ps(root, _mm512_set1_ps(GUESS_BIAS), _mm512_set1_ps(GUESS_OFFSET)),
+                                          _MM_FROUND_TO_POS_INF | _MM_FROUND_NO_EXC);
+  __m512 g = _mm512_cvtepi32_ps(code), g1 = _mm512_add_ps(g, _mm512_set1_ps(1.0f));
+  __mmask16 up;
   if (is_signed) {
-    __m512 m0 = _mm512_fmadd_ps(g, g1, half), m1 = _mm512_add_ps(m0, step);
-    up0 = _mm512_cmp_ps_mask(u, m0, _CMP_GT_OQ), up1 = _mm512_cmp_ps_mask(u, m1, _CMP_GT_OQ);
+    up = _mm512_cmp_ps_mask(u, _mm512_fmadd_ps(g, g1, half), _CMP_GT_OQ);
   } else {
-    __m512 q0 = _mm512_fmadd_ps(g, g1, _mm512_set1_ps(1.0f)), q1 = _mm512_add_ps(q0, step);
-    up0 = _mm512_cmp_ps_mask(_mm512_fmsub_ps(q0, q0, u), half, _CMP_LT_OQ);
-    up1 = _mm512_cmp_ps_mask(_mm512_fmsub_ps(q1, q1, u), half, _CMP_LT_OQ);
+    __m512 q = _mm512_fmadd_ps(g, g1, _mm512_set1_ps(1.0f));
+    up = _mm512_cmp_ps_mask(_mm512_fmsub_ps(q, q, u), half, _CMP_LT_OQ);
   }
-  code = _mm512_mask_add_epi32(_mm512_mask_add_epi32(code, up0, code, one), up1, code, _mm512_set1_epi32(2));
+  code = _mm512_mask_add_epi32(code, up, code, one);
   if (is_signed) code = _mm512_mask_sub_epi32(code, _mm512_movepi32_mask(_mm512_castps_si512(x)), _mm512_setzero_si512(), code);
   return code;
 }
@@ -177,7 +181,7 @@ static inline __m512i quantize64(const float *x, __m512 r, int is_signed) {
 /* One block's codes into ``q`` (int8 or uint8, by ``is_signed``) */
 static void encode(int n, const float *restrict x, float scale, void *restrict q, int is_signed) {
   const float top = is_signed ? SIGNED_TOP : UNSIGNED_TOP, r = top / (scale > 0 ? scale : 1.0f);
-#if defined(__AVX512F__)
+#if HAS_AVX512
   if (n == BLOCK) {
     for (int i = 0; i < BLOCK; i += 64)
       _mm512_storeu_si512((uint8_t *)q + i, quantize64(x + i, _mm512_set1_ps(r), is_signed));
@@ -187,7 +191,7 @@ static void encode(int n, const float *restrict x, float scale, void *restrict q
   uint8_t *restrict out = q;
   for (int i = 0; i < n; ++i) {
     float u = code_units(x[i], r, top), t = u > TINY ? u : TINY;
-    float g = floorf((is_signed ? sqrt_below(t) : root4_below(t)) * GUESS_BIAS);
+    float g = ceilf((is_signed ? sqrt_below(t) : root4_below(t)) * GUESS_BIAS - GUESS_OFFSET);
     int32_t c = nearest_code(u, g, is_signed);
     out[i] = (uint8_t)(is_signed && signbit(x[i]) ? -c : c); /* two's complement: the int8 code */
   }

@@ -32,6 +32,15 @@ LION_MAX_LR = 1e-3
 LION_MIN_WEIGHT_DECAY = 0.03
 
 
+def adamw_sized_advice(lr: float, wd: float) -> str:
+    """What to change when Lion gets AdamW's settings (the paper: lr 3-10x smaller, weight decay 3-10x larger)."""
+    return (
+        f"Lion's sign update moves every weight by the full lr each step: use a 3-10x smaller lr "
+        f"({lr / 10:.2g}..{lr / 3:.2g}) and a 3-10x larger weight_decay ({wd * 3:.2g}..{wd * 10:.2g}); "
+        "hf_optim.translate_hparams(from_='adamw', to='lion', ...) converts both."
+    )
+
+
 class Lion(UpdateRule):
     elementwise = True
     name = "lion"
@@ -47,11 +56,7 @@ class Lion(UpdateRule):
         super().validate(group)
         lr, wd = _as_float(group["lr"]), _as_float(group["weight_decay"])
         if lr >= LION_MAX_LR:
-            warn_user(
-                f"Lion got lr={lr:g}, an AdamW-sized learning rate: Lion's sign update moves every weight "
-                f"by lr each step, so use 3-10x less than AdamW's (here {lr / 10:.2g}-{lr / 3:.2g}); "
-                "hf_optim.translate_hparams(from_='adamw', to='lion', ...) converts both lr and weight decay."
-            )
+            warn_user(f"Lion got lr={lr:g}, an AdamW-sized learning rate. {adamw_sized_advice(lr, wd)}")
         if 0.0 < wd < LION_MIN_WEIGHT_DECAY:
             warn_user(
                 f"Lion got weight_decay={wd:g}, an AdamW-sized value: with Lion's smaller lr the decay "

@@ -11,6 +11,8 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import torch
+
 from ..rules.base import Buffer
 from .base import StateCodec
 from .blockwise import EIGHT_BIT, BlockwiseCodec
@@ -66,6 +68,11 @@ def layout(
     )
     quantized = isinstance(codec, BlockwiseCodec)
     return tuple((buffer, FP32 if quantized and buffer.kind == "param" else codec) for buffer in buffers)
+
+
+def keeps_kahan(group: Mapping[str, Any], dtype: torch.dtype) -> bool:
+    """Whether a parameter keeps a Kahan compensation buffer: low-precision params in a ``kahan_sum`` group."""
+    return bool(group.get("kahan_sum")) and dtype in (torch.bfloat16, torch.float16)
 
 
 def validate_policy(group: Mapping[str, Any]) -> None:

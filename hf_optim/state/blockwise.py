@@ -18,9 +18,9 @@ above the code below ``u`` and at most one under it, and two tests against
 the midpoints of g, g + 1 and g + 2, exact in fp32, give the nearest level,
 ties going down. The compiled step is pure arithmetic that inductor fuses with
 the update rule; the native CPU kernel (``hf_optim.kernels``) computes the
-same codes with a cheaper root guess. Both were checked against the exact
-nearest level for every fp32 ``u``. The code map is a function of the codec,
-never stored per parameter.
+same codes with a cheaper root guess, offset so that one midpoint test
+decides. Both were checked against the exact nearest level for every fp32
+``u``. The code map is a function of the codec, never stored per parameter.
 
 Chosen by measurement (``python benchmarks/state_memory.py --maps``): randn
 round trip of 1024x1024 in blocks of 256 (signed map), and AdamW 8-bit vs
