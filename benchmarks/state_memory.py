@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import hf_optim
 from hf_optim.rules.base import Buffer
-from hf_optim.state.blockwise import BlockwiseCodec
+from hf_optim.state.blockwise import EIGHT_BIT, BlockwiseCodec
 
 
 def real_bytes(obj: object, seen: set[int] | None = None) -> int:
@@ -120,19 +120,13 @@ def map_errors(codec: BlockwiseCodec | None, steps: int = 50, spread: float = 0.
 
 
 def _codec_adamw(p: torch.nn.Parameter, codec: BlockwiseCodec, hp: dict):
-    """hf_optim's eager AdamW 8-bit step on ``p``, with ``codec`` standing in for the 8-bit codec."""
-    from unittest import mock
-
+    """hf_optim's eager AdamW step on ``p`` with its state in ``codec``, registered under its own name."""
     import hf_optim
     from hf_optim import state
 
-    opt = hf_optim.AdamW([p], state_precision="8bit", execution="eager", **hp)
-
-    def step() -> None:
-        with mock.patch.dict(state.CODECS, {"8bit": codec}):  # read when the state is made and laid out
-            opt.step()
-
-    return step
+    if state.CODECS.setdefault(codec.name, codec) is not codec:
+        raise ValueError(f"another codec is already registered as {codec.name!r}")
+    return hf_optim.AdamW([p], state_precision=codec.name, execution="eager", **hp).step
 
 
 def maps() -> None:
@@ -141,10 +135,10 @@ def maps() -> None:
     print(f"  {'map (signed / unsigned)':34s} {heads}")
     variants = {
         "bitsandbytes dynamic / dynamic": None,
-        "square / fourth power (chosen)": BlockwiseCodec("8bit", 2, 4),
-        "square / square": BlockwiseCodec("8bit", 2, 2),
-        "cube / fourth power": BlockwiseCodec("8bit", 3, 4),
-        "linear / fourth power": BlockwiseCodec("8bit", 1, 4),
+        "square / fourth power (chosen)": EIGHT_BIT,
+        "square / square": BlockwiseCodec("8bit-square-square", 2, 2),
+        "cube / fourth power": BlockwiseCodec("8bit-cube-fourth", 3, 4),
+        "linear / fourth power": BlockwiseCodec("8bit-linear-fourth", 1, 4),
     }
     for name, codec in variants.items():
         try:

@@ -28,9 +28,8 @@ import torch
 
 from . import registry
 from .sizes import parse_size
+from .state import planned_bytes
 
-#: bytes of the per-parameter ``step`` counter (a 0-d fp32 tensor)
-STEP_BYTES = 4
 _DTYPES = {
     "fp32": torch.float32, "float32": torch.float32,
     "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -120,22 +119,7 @@ def param_state_bytes(
     """Exact state bytes one parameter gets from the optimizer ``spec``."""
     rule, defaults = _rule_and_defaults(spec)
     group = {**defaults, **(hyperparameters or {})}
-    return group_param_state_bytes(rule, group, name, numel, dtype, step_counter=step_counter)
-
-
-def group_param_state_bytes(
-    rule: Any, group: dict[str, Any], name: str | None, numel: int, dtype: torch.dtype, *, step_counter: bool = True
-) -> int:
-    """Exact state bytes of one parameter under ``rule`` and a param group's options."""
-    from .state import keeps_kahan, layout
-
-    flags = {k: group[k] for k in rule.flag_names}
-    total = sum(codec.nbytes(numel) for _, codec in layout(group, name, numel, rule.buffers(flags)))
-    if step_counter:
-        total += STEP_BYTES
-    if keeps_kahan(group, dtype):
-        total += numel * dtype.itemsize
-    return total
+    return planned_bytes(rule, group, name, numel, dtype, step_counter=step_counter)
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:

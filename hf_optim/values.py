@@ -1,6 +1,6 @@
 """Option values as users write them (``optim_args``, ``lr_scheduler_kwargs``, the CLI): often strings.
 
-The two readers every option coercer needs; each returns None for what it does not accept, so the caller
+The readers every option coercer needs; each returns None for what it does not accept, so the caller
 raises with its own key and owner in the message.
 """
 

@@ -32,6 +32,7 @@ from transformers import TrainerCallback
 from .. import memory
 from ..engine import Optimizer, unwrap
 from ..rules.lion import LION_MAX_LR, adamw_sized_advice
+from ..state import planned_bytes
 
 logger = logging.getLogger("hf_optim")
 
@@ -94,7 +95,7 @@ def optimizer_report(optimizer: Any, lr_scheduler: Any = None) -> dict[str, Any]
                 row["state"] = next(precisions)  # the report's rows: groups and params in this order
                 row["placement"] = str(group.get("placement", getattr(opt, "placement", "device")))
                 if p.requires_grad:
-                    predicted += _predicted_bytes(opt, group, name, p)
+                    predicted += planned_bytes(opt.rule, group, name, p.numel(), p.dtype)
             else:
                 row["state"] = "optimizer's own"
                 row["placement"] = str(p.device)
@@ -103,10 +104,6 @@ def optimizer_report(optimizer: Any, lr_scheduler: Any = None) -> dict[str, Any]
     report["state_bytes"] = measured
     report["state_bytes_predicted"] = predicted if hf_opt else None
     return report
-
-
-def _predicted_bytes(opt: Any, group: Mapping[str, Any], name: str, p: torch.Tensor) -> int:
-    return memory.group_param_state_bytes(opt.rule, dict(group), name, p.numel(), p.dtype)
 
 
 def format_report(report: Mapping[str, Any]) -> str:

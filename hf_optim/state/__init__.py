@@ -75,6 +75,23 @@ def keeps_kahan(group: Mapping[str, Any], dtype: torch.dtype) -> bool:
     return bool(group.get("kahan_sum")) and dtype in (torch.bfloat16, torch.float16)
 
 
+#: bytes of the per-parameter ``step`` counter (a 0-d fp32 tensor)
+STEP_BYTES = 4
+
+
+def planned_bytes(
+    rule: Any, group: Mapping[str, Any], name: str | None, numel: int, dtype: torch.dtype, *, step_counter: bool = True
+) -> int:
+    """Exact state bytes of one parameter under ``rule`` and a param group's options, before any exist."""
+    flags = {k: group[k] for k in rule.flag_names}
+    total = sum(codec.nbytes(numel) for _, codec in layout(group, name, numel, rule.buffers(flags)))
+    if step_counter:
+        total += STEP_BYTES
+    if keeps_kahan(group, dtype):
+        total += numel * dtype.itemsize
+    return total
+
+
 def validate_policy(group: Mapping[str, Any]) -> None:
     """Check a param group's ``min_8bit_size`` and ``fp32_patterns`` options."""
     size = group.get("min_8bit_size", MIN_8BIT_SIZE)

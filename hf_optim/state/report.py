@@ -15,6 +15,8 @@ from typing import Any
 
 from torch import Tensor
 
+from . import planned_bytes
+
 
 @dataclass(frozen=True)
 class PrecisionRow:
@@ -60,8 +62,6 @@ class PrecisionReport:
 
 def precision_report(optimizer: Any) -> PrecisionReport:
     """The report for an ``hf_optim.engine.Optimizer``."""
-    from ..memory import group_param_state_bytes
-
     rows = []
     for group in optimizer.param_groups:
         for name, p in optimizer._named(group):
@@ -71,6 +71,6 @@ def precision_report(optimizer: Any) -> PrecisionReport:
             if state:
                 nbytes = sum(t.nbytes for t in state.values() if isinstance(t, Tensor))
             else:  # step counter + every buffer (+ the Kahan buffer of a bf16/fp16 parameter)
-                nbytes = group_param_state_bytes(optimizer.rule, group, name, p.numel(), p.dtype)
+                nbytes = planned_bytes(optimizer.rule, group, name, p.numel(), p.dtype)
             rows.append(PrecisionRow(name, tuple(p.shape), p.numel(), precision, nbytes, bool(state)))
     return PrecisionReport(tuple(rows))
