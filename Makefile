@@ -6,7 +6,7 @@ BIN     := $(VENV)/bin
 TORCH   ?= torch==2.13.0
 STAMP   := $(VENV)/.installed
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test fuzz lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -26,6 +26,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests
+
+# the differential suite (tests/test_differential.py) with 20x as many drawn configurations
+fuzz: $(STAMP)
+	HF_HUB_OFFLINE=1 HF_OPTIM_FUZZ=20 $(BIN)/python -m pytest -q tests/test_differential.py
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/step_time.py

@@ -3,13 +3,14 @@
 An hf_optim optimizer is update rule x state storage x placement x execution.
 This module owns the parts every rule shares: param groups and their
 validation, lazy state, per-step 0-d hyperparameter tensors, dispatch to the
-eager, compiled or native step (``hf_optim.execution``), and a state dict of plain
+eager, compiled or native step (the step plan, ``hf_optim.plan``), and a state dict of plain
 tensors that loads across storages. Rules (``hf_optim.rules``) only do math;
 codecs (``hf_optim.state``) only store.
 """
 
 from __future__ import annotations
 
+import math
 import sys
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
@@ -19,20 +20,26 @@ import torch
 from torch import Tensor
 
 from .execution import (
-    EXECUTOR,
     KAHAN_KEY,
-    MODES,
     StepConfig,
     StepItem,
-    compiler_available,
+    compute_dtype,
     flat_state,
     local_norm,
-    working_layout,
-    working_state,
+    working_item,
 )
 from .kernels import native
+from .plan import EXECUTOR, MODES, compiler_available
 from .rules.base import Buffer, UpdateRule
-from .state import CODECS, MIN_8BIT_SIZE, StateCodec, keeps_kahan, layout, validate_policy
+from .state import (
+    CODECS,
+    MIN_8BIT_SIZE,
+    StateCodec,
+    float64_unsupported,
+    keeps_kahan,
+    layout,
+    validate_policy,
+)
 from .state.placement import PLACEMENTS, build_placement
 from .user_warnings import warn_user
 
@@ -162,6 +169,9 @@ class Optimizer(torch.optim.Optimizer):
                 raise ValueError(
                     f"{type(self).__name__} can only optimize floating-point tensors: {name} is {p.dtype}"
                 )
+            why = float64_unsupported(group, name, p.numel()) if p.dtype == torch.float64 else None
+            if why:
+                raise ValueError(f"Invalid state_precision for {name}: {why}")
 
     @staticmethod
     def _named(group: Mapping[str, Any]) -> Iterable[tuple[str, Tensor]]:
@@ -199,7 +209,7 @@ class Optimizer(torch.optim.Optimizer):
         return {key: group[key] for key in sorted(self.rule.flag_names)}
 
     def _layout(self, p: Tensor, name: str | None, group: Mapping[str, Any]) -> tuple[tuple[Buffer, StateCodec], ...]:
-        return layout(group, name, p.numel(), self.rule.buffers(self._flags(group)))
+        return layout(group, name, p.numel(), self.rule.buffers(self._flags(group)), p.dtype)
 
     def _kahan(self, p: Tensor, group: Mapping[str, Any]) -> bool:
         return keeps_kahan(group, p.dtype)
@@ -210,7 +220,7 @@ class Optimizer(torch.optim.Optimizer):
         for buffer, codec in self._layout(p, name, group):
             state.update(codec.allocate(buffer, local))
             if buffer.kind == "param":  # starts as a copy of the parameter
-                codec.encode(local.detach().reshape(-1).float().clone(), flat_state(state), buffer)
+                codec.encode(local.detach().reshape(-1).to(compute_dtype(p.dtype)).clone(), flat_state(state), buffer)
         if self._kahan(p, group):
             state[KAHAN_KEY] = torch.zeros_like(local, memory_format=torch.contiguous_format)
         return state
@@ -249,10 +259,11 @@ class Optimizer(torch.optim.Optimizer):
                     buckets[key] = (config, self._mode(config, local.device), [], [])
                 _, mode, items, owners = buckets[key]
                 if mode == "native" and local.is_contiguous() and grad.dtype == local.dtype:
-                    # the kernel reads raw storage: no working-layout views (nor detached aliases) to build
-                    items.append(StepItem(local, grad, state, None))
+                    # the kernel reads raw storage: no working-layout views (nor detached aliases) to build;
+                    # the plan checks every tensor before the kernel gets it
+                    items.append(StepItem(local, grad.contiguous(), state, None))
                 else:
-                    items.append(_flat(local, grad, state, config.block))
+                    items.append(working_item(local, grad, state, config.block))
                 owners.append(p)
             for (_, device), (config, mode, items, owners) in buckets.items():
                 hp = _as_tensors(scalars, device)
@@ -354,10 +365,24 @@ class Optimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Load a state dict, converting storage where it differs; all or nothing.
 
-        Validates group and parameter counts and every buffer's size, naming the
-        parameter on a mismatch. State saved in another codec's layout (fp32 vs
-        8-bit, or torch.optim's) is decoded and re-encoded into this one's.
+        Runs torch's hooks (``register_load_state_dict_pre_hook``: may replace the dict;
+        ``register_load_state_dict_post_hook``: after loading). Validates group and
+        parameter counts and every tensor of every parameter's state (moments, 8-bit
+        codes and block scales, Kahan compensation, slow weights, the step count):
+        a wrong shape, kind of dtype or a non-finite step is a ``ValueError`` naming the
+        parameter and the key; dtype, strides and device are converted to this
+        optimizer's layout. State saved in another codec's layout (fp32 vs 8-bit, or
+        torch.optim's) is decoded and re-encoded into this one's. On any error the
+        optimizer is left exactly as it was.
         """
+        state_dict = dict(state_dict) if isinstance(state_dict, Mapping) else state_dict
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        if not isinstance(state_dict, Mapping) or not isinstance(state_dict.get("param_groups"), list) or \
+                not isinstance(state_dict.get("state"), Mapping):
+            raise ValueError("loaded state dict must be a mapping with 'state' (a dict) and 'param_groups' (a list)")
         saved_groups = state_dict["param_groups"]
         state_dict = {**state_dict, "state": {k: _to_local(v) for k, v in state_dict["state"].items()}}
         if len(saved_groups) != len(self.param_groups):
@@ -367,6 +392,8 @@ class Optimizer(torch.optim.Optimizer):
             )
         new_groups, new_state = [], {}
         for index, (group, saved_group) in enumerate(zip(self.param_groups, saved_groups, strict=True)):
+            if not isinstance(saved_group, Mapping) or not isinstance(saved_group.get("params"), list | tuple):
+                raise ValueError(f"loaded state dict: parameter group {index} is not a dict with a 'params' list")
             if len(group["params"]) != len(saved_group["params"]):
                 raise ValueError(
                     f"loaded state dict contains a parameter group {index} of {len(saved_group['params'])} "
@@ -385,49 +412,77 @@ class Optimizer(torch.optim.Optimizer):
             for (name, p), saved_id in zip(self._named(merged), saved_group["params"], strict=True):
                 saved = state_dict["state"].get(saved_id)
                 if saved:
+                    if not isinstance(saved, Mapping):
+                        raise ValueError(f"loaded state for {name} is a {type(saved).__name__}, not a dict")
                     new_state[p] = self._convert(p, name, merged, saved)
                     if self._pager is not None:  # off the device now, not after all are converted
                         self._pager.place(p, new_state[p])
         # nothing above touched self: commit only now that everything converted
         self.param_groups = new_groups
         self.state = defaultdict(dict, new_state)
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
 
     def _convert(self, p: Tensor, name: str, group: Mapping[str, Any], saved: Mapping[str, Any]) -> dict[str, Tensor]:
+        """One parameter's saved state in this optimizer's layout: every tensor checked, then copied
+        into freshly allocated storage (so dtype, strides and device are always this layout's)."""
         local = _local(p)
         state = self._new_state(p, name, group)
-        step = saved.get("step")
-        if step is None:
-            raise ValueError(f"loaded state for {name} has no 'step'")
-        state["step"] = torch.as_tensor(step, dtype=torch.float32).to(local.device).reshape(()).clone()  # never shared
+        state["step"] = _loaded_step(name, saved.get("step"), local.device)
         for buffer, codec in self._layout(p, name, group):
             saved_codec = codec if codec.holds(saved, buffer) else _find_codec(saved, buffer)
             if saved_codec is None:
                 raise ValueError(
                     f"loaded state for {name} lacks buffer {buffer.name!r} "
-                    f"(has: {', '.join(sorted(saved))})"
+                    f"(has: {', '.join(sorted(map(str, saved)))})"
                 )
+            target = state if saved_codec is codec else saved_codec.allocate(buffer, local)
             for key in saved_codec.keys(buffer):
-                tensor = saved[key]
-                if saved_codec is codec and tensor.shape != state[key].shape:
-                    raise ValueError(
-                        f"loaded state for {name}: {key!r} has shape {tuple(tensor.shape)}, "
-                        f"expected {tuple(state[key].shape)}"
-                    )
-            if saved_codec is codec:  # same layout: keep the exact bits and dtypes
-                for key in codec.keys(buffer):
-                    state[key] = saved[key].to(local.device).clone()
-            else:
-                on_device = {k: saved[k].to(local.device) for k in saved_codec.keys(buffer)}
-                value = saved_codec.decode(flat_state(on_device), buffer, local.numel())
-                if value.numel() != local.numel():
-                    raise ValueError(
-                        f"loaded state for {name}: {buffer.name!r} has {value.numel()} elements, "
-                        f"the parameter has {local.numel()}"
-                    )
-                codec.encode(value.clone(), flat_state(state), buffer)
+                _copy_checked(name, key, saved[key], target[key])
+            if saved_codec is not codec:
+                value = saved_codec.decode(flat_state(target), buffer, local.numel())
+                codec.encode(value.to(compute_dtype(local.dtype)).clone(), flat_state(state), buffer)
         if KAHAN_KEY in state and KAHAN_KEY in saved:
-            state[KAHAN_KEY] = saved[KAHAN_KEY].to(device=local.device, dtype=local.dtype).clone()
+            _copy_checked(name, KAHAN_KEY, saved[KAHAN_KEY], state[KAHAN_KEY])
         return state
+
+
+def _loaded_step(name: str, step: Any, device: torch.device) -> Tensor:
+    """A saved step count as this optimizer's 0-d fp32 counter; a missing or non-finite one is an error."""
+    if step is None:
+        raise ValueError(f"loaded state for {name} has no 'step'")
+    if isinstance(step, Tensor):
+        ok = step.numel() == 1 and not step.is_complex() and step.dtype != torch.bool
+        value = float(step.detach().reshape(()).cpu()) if ok else math.nan
+    elif isinstance(step, int | float) and not isinstance(step, bool):
+        value = float(step)
+    else:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0 and value.is_integer() and value <= 2.0**24):
+        shown = tuple(step.shape) if isinstance(step, Tensor) and step.numel() != 1 else step
+        raise ValueError(
+            f"loaded state for {name}: 'step' is {shown!r}; allowed: a whole number of steps from 0 to 2**24 "
+            "(a number or a one-element tensor)"
+        )
+    return torch.tensor(value, dtype=torch.float32, device=device)
+
+
+def _copy_checked(name: str, key: str, saved: Any, target: Tensor) -> None:
+    """Copy one saved state tensor into ``target`` (freshly allocated: this layout's dtype, strides,
+    device), or raise naming the parameter and the key. Floating values convert between float dtypes;
+    integer codes must have exactly the target's dtype."""
+    if not isinstance(saved, Tensor):
+        raise ValueError(f"loaded state for {name}: {key!r} is a {type(saved).__name__}, expected a tensor")
+    if tuple(saved.shape) != tuple(target.shape):
+        raise ValueError(
+            f"loaded state for {name}: {key!r} has shape {tuple(saved.shape)}, expected {tuple(target.shape)}"
+        )
+    convertible = saved.is_floating_point() and target.is_floating_point()
+    if saved.dtype != target.dtype and not convertible:
+        raise ValueError(f"loaded state for {name}: {key!r} is {saved.dtype}, expected {target.dtype}")
+    if saved.layout != torch.strided:
+        raise ValueError(f"loaded state for {name}: {key!r} is a {saved.layout} tensor, expected a dense one")
+    target.copy_(saved.detach())
 
 
 def constructor_options() -> dict[str, Any]:
@@ -493,23 +548,11 @@ def _norm_for(p: Tensor) -> Any:
     return _ShardedNorm(tuple(mesh.get_group(dim) for dim in dims))
 
 
-def _flat(p: Tensor, g: Tensor, state: Mapping[str, Tensor], block: int | None) -> StepItem:
-    """A parameter, its gradient and its state in the working layout the step takes.
-
-    1-D, or (rows, block) for block-wise state (``execution.working_layout``).
-    A non-contiguous parameter is stepped as a contiguous copy and written back.
-    """
-    shape = working_layout(p, block)
-    p, g = p.detach(), g.detach()  # plain tensors: dynamo refuses row views of views of autograd leaves
-    if p.is_contiguous():
-        return StepItem(p.view(shape), g.reshape(shape), working_state(state, shape), None)
-    return StepItem(p.reshape(shape).clone(), g.reshape(shape), working_state(state, shape), p)
-
-
 def _as_tensors(scalars: Mapping[str, Any], device: torch.device) -> dict[str, Tensor]:
+    """The hyperparameters as float64 0-d tensors: the scalar math runs in float64 and is rounded once."""
     return {
-        key: (value.to(device=device, dtype=torch.float32) if isinstance(value, Tensor) else
-              torch.tensor(value, dtype=torch.float32, device=device))
+        key: (value.to(device=device, dtype=torch.float64) if isinstance(value, Tensor) else
+              torch.tensor(value, dtype=torch.float64, device=device))
         for key, value in scalars.items()
     }
 

@@ -1,33 +1,34 @@
-"""Execution: one per-parameter step function, run eagerly, compiled or natively.
+"""Execution: the per-parameter step function and the working layout it takes.
 
 ``make_step`` closes over one configuration (rule, per-buffer codecs, flags,
-parameter dtype) and returns a function of tensors only. The eager path calls
-it as is; the compiled path hands the very same function to ``torch.compile``
+parameter dtype) and returns a function of tensors only. The eager backend calls
+it as is; the compiled backend hands the very same function to ``torch.compile``
 (inductor: C++/OpenMP on CPU, Triton on GPU), which fuses decode -> update ->
 encode into one pass over the parameter. Parameters arrive flattened to 1-D
 and compilation uses dynamic shapes, so one graph serves every tensor size;
 hyperparameters are 0-d tensors, so schedules never recompile.
 
-The native path (``hf_optim.kernels``, CPU only, for the rules it covers)
-takes the rule's coefficients from the same ``coefficients`` and does the
-elementwise part in a hand-written kernel, one call per bucket and step count.
+Precision, one rule for every backend (``StepConfig.compute_dtype``): the
+elementwise math runs in fp32 for fp32/bf16/fp16 parameters and in float64 for
+float64 ones (whose dense state is float64, as torch.optim keeps it). The
+scalar math (bias corrections, ``1 - beta``, step sizes) runs in float64 on the
+float64 hyperparameters and step count and is rounded once to the compute dtype.
+
+Which backend steps which parameter, and the write-back of strided parameters,
+is the step plan's (``hf_optim.plan``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-import types
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-from .kernels import native
 from .rules.base import Buffer, NormFn, UpdateRule
 from .state.base import StateCodec
-from .user_warnings import warn_user
 
 StepFn = Callable[[Tensor, Tensor, dict[str, Tensor], dict[str, Tensor]], None]
 
@@ -37,6 +38,25 @@ KAHAN_KEY = "kahan_comp"
 
 def local_norm(t: Tensor) -> Tensor:
     return torch.linalg.vector_norm(t)
+
+
+def compute_dtype(param_dtype: torch.dtype) -> torch.dtype:
+    """The dtype a parameter's elementwise math runs in: float64 for float64 parameters, else fp32."""
+    return torch.float64 if param_dtype == torch.float64 else torch.float32
+
+
+def scalar_coefficients(
+    rule: type[UpdateRule], hp: Mapping[str, Tensor], step: Tensor, flags: Mapping[str, Any], dtype: torch.dtype
+) -> dict[str, Tensor]:
+    """The rule's coefficients computed in float64 (``hp`` are float64 0-d tensors) and rounded once to ``dtype``.
+
+    Rounding beta to fp32 before ``1 - beta`` loses the small difference (beta2 0.99999: 1.4e-3
+    relative in the second moment after 10 steps); here only the final values are rounded.
+    """
+    c = rule.coefficients(hp, step.to(torch.float64), flags)
+    # one realized buffer: inductor would otherwise recompute the scalar math per element
+    packed = torch.stack([value.to(torch.float64) for value in c.values()]).to(dtype)
+    return {key: packed[i] for i, key in enumerate(c)}
 
 
 def make_step(
@@ -50,28 +70,25 @@ def make_step(
     """The step for one configuration: ``fn(p, g, stored, hp)`` updates in place.
 
     ``stored`` is the parameter's state dict (``step``, already advanced to this
-    step by ``Executor.run``, plus each codec's tensors in the working layout);
+    step by the plan (``plan.Executor.run``), plus each codec's tensors in the working layout);
     ``p`` and ``g`` share that layout.
     """
-    low_precision = param_dtype != torch.float32
+    compute = compute_dtype(param_dtype)
+    low_precision = param_dtype != compute
 
     def step_fn(p: Tensor, g: Tensor, stored: dict[str, Tensor], hp: dict[str, Tensor]) -> None:
-        step = stored["step"]
-        p32 = p.float()
+        pc = p.to(compute)
         if kahan:
-            p32 = p32 + stored[KAHAN_KEY].float()
-        c = rule.coefficients(hp, step, flags)
-        # one realized buffer: inductor would otherwise recompute the scalar math per element
-        packed = torch.stack(list(c.values()))
-        c = {key: packed[i] for i, key in enumerate(c)}
-        state = {buffer.name: codec.decode(stored, buffer, p.numel()) for buffer, codec in codecs}
-        rule.update(p32, g.float(), state, c, flags, norm)
+            pc = pc + stored[KAHAN_KEY].to(compute)
+        c = scalar_coefficients(rule, hp, stored["step"], flags, compute)
+        state = {buffer.name: codec.decode(stored, buffer, p.numel()).to(compute) for buffer, codec in codecs}
+        rule.update(pc, g.to(compute), state, c, flags, norm)
         for buffer, codec in codecs:
             codec.encode(state[buffer.name], stored, buffer)
         if low_precision:
-            rounded = p32.to(param_dtype)
+            rounded = pc.to(param_dtype)
             if kahan:  # keep what rounding lost, re-added next step
-                stored[KAHAN_KEY].copy_(p32 - rounded.float())
+                stored[KAHAN_KEY].copy_(pc - rounded.to(compute))
             p.copy_(rounded)
 
     return step_fn
@@ -86,6 +103,10 @@ class StepConfig(NamedTuple):
     param_dtype: torch.dtype
     kahan: bool
     norm: NormFn
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return compute_dtype(self.param_dtype)
 
     @property
     def block(self) -> int | None:
@@ -135,9 +156,10 @@ CHUNK_ROWS = 2048
 
 def row_chunks(item: StepItem) -> list[StepItem]:
     """Split a (rows, block) working item into row chunks stepped as separate items
-    (they share the step counter, which ``Executor.run`` advances before any runs)."""
+    (they share the step counter, which the plan advances before any runs). Chunks are views of the
+    item's working tensors, so the plan's write-back of the whole item follows them."""
     total = item.p.shape[0]
-    if item.p.dim() != 2 or total <= CHUNK_ROWS or item.writeback is not None:
+    if item.p.dim() != 2 or total <= CHUNK_ROWS:
         return [item]
     chunks = []
     for start in range(0, total, CHUNK_ROWS):
@@ -157,150 +179,16 @@ class StepItem(NamedTuple):
     writeback: Tensor | None
 
 
-#: compiled calls take buckets of these sizes (largest first), so a group of any
-#: size needs at most this many graphs and pays Python/guard overhead per bucket
-BUCKET_SIZES = (8, 4, 2, 1)
-#: on CPU, one parameter a call: inductor's C++ build grows with the graph (adamw_8bit,
-#: 8 tensors: 49 s cold in buckets of 8, 16 s one by one; 11 tensors: 66 s for the
-#: 8, 2 and 1 graphs) and the steps are no slower (64 tensors: 56 ms a step, not 69)
-CPU_BUCKET_SIZES = (1,)
 
 
-#: how a bucket is stepped (``Optimizer(execution=...)`` picks one per bucket, or "auto")
-MODES = ("eager", "compiled", "native")
+def working_item(p: Tensor, g: Tensor, state: Mapping[str, Tensor], block: int | None) -> StepItem:
+    """A parameter, its gradient and its state in the working layout the step takes.
 
-
-class Executor:
-    """Runs buckets of parameter steps: eagerly, through cached compiled graphs, or natively."""
-
-    def __init__(self) -> None:
-        self._eager: dict[StepConfig, StepFn] = {}
-        self._compiled: dict[StepConfig, Callable[..., None]] = {}
-        self._traced: set[tuple] = set()
-        self._compile_failed = False
-
-    def run(self, mode: str, config: StepConfig, items: list[StepItem], hp: dict[str, Tensor]) -> None:
-        eager = self._eager.get(config)
-        if eager is None:
-            eager = self._eager[config] = make_step(
-                config.rule, config.codecs, dict(config.flags), config.param_dtype, config.kahan, config.norm
-            )
-        if mode == "native":
-            # the kernel (which advances their step counters itself) takes gradients of the parameter's dtype;
-            # the others (e.g. fp32 gradients of bf16 parameters) step eagerly below
-            _run_native(config, [item for item in items if item.g.dtype == item.p.dtype], hp)
-            items, mode = [item for item in items if item.g.dtype != item.p.dtype], "eager"
-            if not items:
-                return
-        # every parameter's counter advances once, here, before its step (or its row chunks) runs
-        torch._foreach_add_([item.state["step"] for item in items], 1)
-        if config.rule.elementwise:
-            items = [chunk for item in items for chunk in row_chunks(item)]
-        start = 0
-        if mode == "compiled":
-            bucket_fn = self._compiled.get(config)
-            if bucket_fn is None:
-                bucket_fn = self._compiled[config] = _compile_buckets(eager)
-            for size in CPU_BUCKET_SIZES if items and items[0].p.device.type == "cpu" else BUCKET_SIZES:
-                while len(items) - start >= size and self._call_compiled(bucket_fn, items[start : start + size], hp):
-                    start += size
-        for item in items[start:]:  # eager, or what a failed compilation left
-            eager(item.p, item.g, item.state, hp)
-        self._write_back(items)
-
-    @staticmethod
-    def _write_back(items: list[StepItem]) -> None:
-        for item in items:  # (row chunks never have a writeback)
-            if item.writeback is not None:
-                item.writeback.copy_(item.p.view_as(item.writeback))
-
-    def _call_compiled(self, bucket_fn, chunk: list[StepItem], hp: dict[str, Tensor]) -> bool:
-        """Run one compiled bucket; False (and nothing run) once compilation has failed."""
-        if self._compile_failed:
-            return False
-        ps, gs, states = [i.p for i in chunk], [i.g for i in chunk], [i.state for i in chunk]
-        # what makes dynamo trace anew: the bucket size and size-1 (specialized) tensors
-        signature = (id(bucket_fn), tuple((p.dim(), p.numel() == 1) for p in ps))
-        try:
-            if signature in self._traced:
-                bucket_fn(ps, gs, states, hp)
-            else:  # the settings cost ~40 us to enter: only where a trace can happen
-                with _compile_settings():
-                    bucket_fn(ps, gs, states, hp)
-                self._traced.add(signature)
-        except torch._dynamo.exc.BackendCompilerFailed as err:
-            # compilation fails before anything runs: fall back for good, with one warning
-            self._compile_failed = True
-            warn_user(
-                f"hf_optim: torch.compile failed ({type(err).__name__}: {str(err)[:200]}); "
-                "running the eager step instead, which is slower but identical.",
-                RuntimeWarning,
-            )
-            return False
-        return True
-
-
-def _run_native(config: StepConfig, items: list[StepItem], hp: dict[str, Tensor]) -> None:
-    """One kernel call per distinct step count (usually one): the coefficients depend on it. The kernel
-    advances each parameter's counter; the coefficients take the advanced count."""
-    flags = dict(config.flags)
-    by_step: dict[float, list[StepItem]] = {}
-    for item in items:
-        by_step.setdefault(item.state["step"].item() + 1, []).append(item)
-    storage = [native.storage_code(buffer, codec) for buffer, codec in config.codecs]
-    keys = [key for buffer, codec in config.codecs for key in codec.keys(buffer)]
-    for count, group in by_step.items():
-        c = config.rule.coefficients(hp, torch.tensor(count), flags)
-        params = [item.p for item in group]
-        # the operator's body, without its per-tensor dispatch (~8 us a tensor); parameters are
-        # still version-bumped, as in-place ops would, so autograd sees they changed
-        native.step(
-            params,
-            [item.g.contiguous() for item in group],
-            [item.state[key] for item in group for key in keys],
-            [item.state[KAHAN_KEY] for item in group] if config.kahan else [],
-            torch.stack([c[name] for name in native.KERNELS[config.rule.name].coefficients]),
-            config.rule.name,
-            storage,
-            native.flag_bits(config.rule, flags, config.kahan),
-            [item.state["step"] for item in group],
-        )
-        torch.autograd.graph.increment_version(params)
-
-
-def _compile_buckets(step_fn: StepFn) -> Callable[..., None]:
-    def bucket_step(ps: list[Tensor], gs: list[Tensor], states: list[dict[str, Tensor]], hp: dict[str, Tensor]):
-        for p, g, state in zip(ps, gs, states):
-            step_fn(p, g, state, hp)
-
-    # a private code object per configuration: dynamo keeps its graph cache (and
-    # recompile limit) per code object, and every configuration's bucket_step
-    # would otherwise share one
-    fresh = types.FunctionType(
-        bucket_step.__code__.replace(), bucket_step.__globals__, bucket_step.__name__, None, bucket_step.__closure__
-    )
-    return torch.compile(fresh, dynamic=True, fullgraph=True)
-
-
-@contextlib.contextmanager
-def _compile_settings() -> Iterator[None]:
-    # equal sizes must not become one symbol: the next bucket's sizes would break that
-    # equality guard and recompile. And inductor would fuse a bucket's parameters
-    # horizontally into one C++ kernel that it leaves single-threaded; one loop nest per
-    # parameter keeps every loop parallel. (Patched around each call, not passed as
-    # torch.compile options: with the FX graph cache on, those options are dropped.)
-    with torch.fx.experimental._config.patch(use_duck_shape=False), torch._inductor.config.patch(
-        {"cpp.max_horizontal_fusion_size": 1, "cpp.min_chunk_size": 1}
-    ):
-        yield
-
-
-#: process-wide: compiled graphs are shared by every optimizer instance
-EXECUTOR = Executor()
-
-
-def compiler_available() -> bool:
-    """Whether torch.compile can build kernels here (a C++ compiler on CPU)."""
-    import shutil
-
-    return shutil.which("gcc") is not None or shutil.which("cc") is not None or torch.cuda.is_available()
+    1-D, or (rows, block) for block-wise state (``working_layout``). A non-contiguous
+    parameter is stepped as a contiguous copy, which the plan writes back.
+    """
+    shape = working_layout(p, block)
+    p, g = p.detach(), g.detach()  # plain tensors: dynamo refuses row views of views of autograd leaves
+    if p.is_contiguous():
+        return StepItem(p.view(shape), g.reshape(shape), working_state(state, shape), None)
+    return StepItem(p.reshape(shape).clone(), g.reshape(shape), working_state(state, shape), p)

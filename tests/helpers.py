@@ -53,7 +53,7 @@ def lockstep(ref_opt, ours_opt, ref_params, our_params, steps: int = 20, seed: i
 
 def assert_compiled() -> None:
     """The compiled path really compiled: no missing compiler, no fallback to eager after a failure."""
-    from hf_optim.execution import EXECUTOR, compiler_available
+    from hf_optim.plan import EXECUTOR, compiler_available
 
     assert compiler_available() and not EXECUTOR._compile_failed
 

@@ -225,12 +225,18 @@ def step(
     if (len(states) != per_item * len(params) or len(grads) != len(params) or len(kahans) not in (0, len(params))
             or len(counters) not in (0, len(params))):
         raise ValueError("cpu_step: params, grads, states, kahans and counters do not line up")
-    if any(c.dtype != torch.float32 or c.numel() != 1 for c in counters):
-        raise ValueError("cpu_step: step counters must be fp32 scalars")
-    if any(p.dtype != g.dtype or p.numel() != g.numel() for p, g in zip(params, grads)) or not all(
-        t.is_contiguous() for t in (*params, *grads)
-    ):
-        raise ValueError("cpu_step: parameters and gradients must be contiguous and alike")
+    if coefficients.dtype != torch.float32 or coefficients.numel() != len(kernel.coefficients):
+        raise ValueError(f"cpu_step: {rule} takes {len(kernel.coefficients)} fp32 coefficients")
+    if any(p.dtype != params[0].dtype for p in params):
+        raise ValueError("cpu_step: one call takes parameters of one dtype")
+    # the kernel trusts every pointer and size: each tensor is checked here, so a bad one is an error, never a crash
+    for i, (p, g) in enumerate(zip(params, grads)):
+        why = item_unsupported(
+            p, g, states[i * per_item : (i + 1) * per_item], kahans[i] if kahans else None,
+            counters[i] if counters else None, storage,
+        )
+        if why:
+            raise ValueError(f"cpu_step: parameter {i}: {why}")
     # cpu_step.c's item_t, one row per parameter: numel, param, grad, kahan, counter, state[MAX_BUFFERS],
     # absmax[MAX_BUFFERS]; filled a column at a time (one pass over the tensors each: per-tensor Python is
     # most of this call's cost for many small parameters)
@@ -258,6 +264,58 @@ def step(
     )
     if status:
         raise RuntimeError(f"cpu_step: the kernel rejected rule {rule!r} with {len(storage)} buffers")
+
+
+#: the dtype each storage code's tensors must have: element buffer, then block scales (8-bit only)
+_STORAGE_DTYPES = {
+    _STORE_FP32: (torch.float32,),
+    _STORE_SIGNED_8BIT: (torch.int8, torch.float32),
+    _STORE_UNSIGNED_8BIT: (torch.uint8, torch.float32),
+}
+
+
+def item_unsupported(
+    p: Tensor, g: Tensor, states: Sequence[Tensor], kahan: Tensor | None, counter: Tensor | None,
+    storage: Sequence[int],
+) -> str | None:
+    """Why the kernel must not receive this parameter's tensors, or None when it may.
+
+    ``cpu_step.c`` reads and writes raw memory: every tensor must be a dense CPU tensor of the
+    dtype and element count its role implies (state buffers: one element per parameter element,
+    block scales one per block of 256), aligned to its element size. ``states`` are this
+    parameter's buffers in rule order (codes then block scales for an 8-bit one).
+    """
+    numel = p.numel()
+    if p.dtype not in _PARAM_DTYPES:
+        return f"parameter dtype {p.dtype} (allowed: float32, bfloat16)"
+    if g.dtype != p.dtype or g.numel() != numel:
+        return f"gradient {g.dtype} x {g.numel()} does not match the parameter's {p.dtype} x {numel}"
+    blocks = -(-numel // BLOCK)
+    expected: list[tuple[str, Tensor, torch.dtype, int]] = [("parameter", p, p.dtype, numel),
+                                                           ("gradient", g, p.dtype, numel)]
+    k = 0
+    for index, code in enumerate(storage):
+        dtypes = _STORAGE_DTYPES.get(code)
+        if dtypes is None:
+            return f"unknown storage code {code}"
+        if k + len(dtypes) > len(states):
+            return "fewer state tensors than its storage needs"
+        expected.append((f"state buffer {index}", states[k], dtypes[0], numel))
+        if len(dtypes) == 2:
+            expected.append((f"block scales of state buffer {index}", states[k + 1], dtypes[1], blocks))
+        k += len(dtypes)
+    if k != len(states):
+        return "more state tensors than its storage needs"
+    if kahan is not None:
+        expected.append(("Kahan compensation", kahan, p.dtype, numel))
+    if counter is not None:
+        expected.append(("step counter", counter, torch.float32, 1))
+    for role, t, dtype, count in expected:
+        if t.dtype != dtype or t.numel() != count:
+            return f"{role} is {t.dtype} x {t.numel()}, the kernel needs {dtype} x {count}"
+        if t.device.type != "cpu" or not t.is_contiguous() or t.data_ptr() % t.element_size():
+            return f"{role} is not a contiguous, aligned CPU tensor"
+    return None
 
 
 def _pointers(tensors: Sequence[Tensor]) -> list[int]:

@@ -16,7 +16,7 @@ import torch
 from ..rules.base import Buffer
 from .base import StateCodec
 from .blockwise import EIGHT_BIT, BlockwiseCodec
-from .dense import BF16, FP32, DenseCodec
+from .dense import BF16, FP32, FP64, DenseCodec
 
 CODECS: dict[str, StateCodec] = {codec.name: codec for codec in (FP32, BF16, EIGHT_BIT)}
 
@@ -54,20 +54,41 @@ def codec_for(
 
 
 def layout(
-    group: Mapping[str, Any], param_name: str | None, global_numel: int, buffers: Sequence[Buffer]
+    group: Mapping[str, Any], param_name: str | None, global_numel: int, buffers: Sequence[Buffer],
+    param_dtype: torch.dtype = torch.float32,
 ) -> tuple[tuple[Buffer, StateCodec], ...]:
     """Each state buffer of one parameter with the codec that stores it, under a group's options.
 
     Copies of the parameter (``param`` buffers: Lookahead's slow weights) stay
     fp32 under a quantized codec: the parameter is reset to them, so quantizing
-    them would put the weights themselves on the 8-bit grid.
+    them would put the weights themselves on the 8-bit grid. A float64 parameter
+    computes in float64, so its ``fp32`` state is float64 (as torch.optim keeps it);
+    quantized state cannot hold float64 values (``float64_unsupported``).
     """
     codec = codec_for(
         group["state_precision"], param_name, global_numel,
         group.get("min_8bit_size", MIN_8BIT_SIZE), group.get("fp32_patterns"),
     )
     quantized = isinstance(codec, BlockwiseCodec)
-    return tuple((buffer, FP32 if quantized and buffer.kind == "param" else codec) for buffer in buffers)
+    full = FP64 if param_dtype == torch.float64 else FP32
+    return tuple(
+        (buffer, full if (quantized and buffer.kind == "param") or codec is FP32 else codec) for buffer in buffers
+    )
+
+
+def float64_unsupported(group: Mapping[str, Any], param_name: str | None, global_numel: int) -> str | None:
+    """Why a float64 parameter cannot have this group's state storage (quantized state), or None."""
+    codec = codec_for(
+        group["state_precision"], param_name, global_numel,
+        group.get("min_8bit_size", MIN_8BIT_SIZE), group.get("fp32_patterns"),
+    )
+    if isinstance(codec, BlockwiseCodec):
+        return (
+            f"state_precision={group['state_precision']!r} stores state in 8 bits and computes in fp32, "
+            f"but {param_name} is float64 (its math and state are float64, as in torch.optim); use "
+            "state_precision='fp32' for this parameter's group, or cast the parameter to float32"
+        )
+    return None
 
 
 def keeps_kahan(group: Mapping[str, Any], dtype: torch.dtype) -> bool:
@@ -84,7 +105,7 @@ def planned_bytes(
 ) -> int:
     """Exact state bytes of one parameter under ``rule`` and a param group's options, before any exist."""
     flags = {k: group[k] for k in rule.flag_names}
-    total = sum(codec.nbytes(numel) for _, codec in layout(group, name, numel, rule.buffers(flags)))
+    total = sum(codec.nbytes(numel) for _, codec in layout(group, name, numel, rule.buffers(flags), dtype))
     if step_counter:
         total += STEP_BYTES
     if keeps_kahan(group, dtype):
@@ -125,6 +146,7 @@ __all__ = [
     "DenseCodec",
     "StateCodec",
     "codec_for",
+    "float64_unsupported",
     "layout",
     "validate_policy",
 ]

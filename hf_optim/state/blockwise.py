@@ -44,13 +44,15 @@ A consequence: a bitsandbytes 8-bit state dict cannot be loaded (a clear
 ``ValueError`` says so); fp32 and bf16 state dicts, ours or torch.optim's,
 convert to and from 8-bit on load.
 
-Non-finite values (a NaN/Inf gradient reaches the state): each one is
-confined to its own element. A block's scale is the maximum over its finite
-elements only; a NaN element is stored as 0 and +-Inf as +-the block maximum.
-The other 255 elements of the block keep exactly the codes they would have
-had, so one bad gradient entry never wipes a whole block. The parameter
-element itself becomes NaN/Inf just as it would with fp32 state, so the fault
-stays visible (loss, grad norm) rather than silent.
+Non-finite values (``NAN_INF_POLICY``, the one policy of every storage and
+execution; README "Execution"): a NaN or +-Inf reaching 8-bit state is stored
+as 0 (code 0) and confined to its element. A block's scale is the maximum over
+its finite elements only, so the other elements of the block keep exactly the
+codes they would have had, at this step and later ones (a saturated element
+would stay the block's maximum and shift every neighbour's scale). The
+parameter element itself becomes NaN/Inf just as it would with fp32 state, so
+the fault stays visible (loss, grad norm) rather than silent; that element's
+8-bit state restarts from 0.
 """
 
 from __future__ import annotations
@@ -64,6 +66,13 @@ from torch import Tensor
 from ..rules.base import Buffer
 from .base import StateCodec
 
+#: what a non-finite value does, for every storage and execution (README "Execution")
+NAN_INF_POLICY = (
+    "A NaN/Inf gradient element poisons only its own element: the parameter element becomes NaN/Inf (visible, "
+    "as with torch.optim); dense (fp32/bf16/fp64) state keeps the non-finite value in that element; 8-bit state "
+    "stores it as 0, and each block's scale is the maximum of its finite elements, so every other element, of "
+    "this block and of other parameters, steps exactly as if that element's state were 0."
+)
 #: elements per block (one fp32 scale each)
 BLOCK = 256
 CODES_SUFFIX = ".codes"
@@ -209,8 +218,10 @@ class BlockwiseCodec(StateCodec):
         block_max = torch.where(magnitude < math.inf, magnitude, 0.0).amax(dim=1, keepdim=True)
         # into code units: one division per block, then products (the native kernel's arithmetic)
         u = magnitude * torch.full_like(block_max, cmap.top).div_(torch.where(block_max > 0, block_max, 1.0))
-        # +-Inf (and rounding just above the top) saturate to the top; NaN fails `>= 0` and becomes 0
+        # a NaN u (0 times the infinite ratio of a subnormal scale) fails `>= 0` and becomes 0, a large one
+        # saturates to the top; NaN and +-Inf values fail `< inf` and store code 0 (NAN_INF_POLICY)
         u = torch.where(u >= 0.0, torch.where(u < cmap.top, u, cmap.top), 0.0)
+        u = torch.where(magnitude < math.inf, u, 0.0)
         c = cmap.nearest(u)
         if cmap.signed:
             c = torch.where(value < 0, -c, c)

@@ -25,7 +25,8 @@ class DenseCodec(StateCodec):
 
     def decode(self, stored: Mapping[str, Tensor], buffer: Buffer, numel: int) -> Tensor:
         tensor = stored[buffer.name]  # the engine passes it flattened
-        return tensor.float()  # fp32: the tensor itself, updated in place
+        # fp32 (and float64) storage decodes to the tensor itself, updated in place
+        return tensor if tensor.dtype in (torch.float32, torch.float64) else tensor.float()
 
     def encode(self, value: Tensor, stored: MutableMapping[str, Tensor], buffer: Buffer) -> None:
         target = stored[buffer.name]
@@ -36,9 +37,12 @@ class DenseCodec(StateCodec):
         return numel * self.dtype.itemsize
 
     def holds(self, stored: Mapping[str, Tensor], buffer: Buffer) -> bool:
+        # any floating tensor under the buffer's name: loading copies (converts) it into this dtype
         tensor = stored.get(buffer.name)
-        return tensor is not None and tensor.dtype == self.dtype
+        return isinstance(tensor, Tensor) and tensor.is_floating_point()
 
 
 FP32 = DenseCodec("fp32", torch.float32)
 BF16 = DenseCodec("bf16", torch.bfloat16)
+#: what ``fp32`` state becomes for a float64 parameter: float64, as torch.optim keeps it (never chosen by name)
+FP64 = DenseCodec("fp64", torch.float64)
