@@ -177,11 +177,11 @@ def _self_check(lib: ctypes.CDLL) -> str | None:
              "adamw", [_STORE_FP32, _STORE_FP32], 0, [counter], library=lib)
     except RuntimeError as err:
         return str(err)
-    if counter.item() != 1.0:
-        return f"the step counter is {counter.item()} after one step, not 1"
     if not torch.allclose(param, reference.detach(), rtol=1e-5, atol=1e-6):
         worst = (param - reference.detach()).abs().max().item()
         return f"one AdamW step differs from torch.optim.AdamW by up to {worst:.3g}"
+    if counter.item() != 1.0:
+        return f"the step counter is {counter.item()} after one step, not 1"
     return None
 
 
