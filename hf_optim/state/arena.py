@@ -39,6 +39,7 @@ _STALE = re.compile(rf"{_PREFIX}(\d+)_")
 _PROT_RW = mmap.PROT_READ | mmap.PROT_WRITE
 _MAP_FAILED = ctypes.c_void_p(-1).value
 MADV_WILLNEED, MADV_DONTNEED = 3, 4
+MADV_POPULATE_WRITE = 23  # Linux >= 5.14; older kernels answer EINVAL and the pages fault in as they are touched
 _FALLOC_PUNCH_HOLE = 0x01 | 0x02  # FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE
 
 _libc = ctypes.CDLL(None, use_errno=True)

@@ -61,12 +61,15 @@ from torch import Tensor
 from ..execution import flat_state, working_state
 from ..sizes import parse_size
 from ..user_warnings import warn_user
-from .arena import MADV_DONTNEED, MADV_WILLNEED, Region, SpillArena, malloc_trim
+from .arena import MADV_DONTNEED, MADV_POPULATE_WRITE, MADV_WILLNEED, Region, SpillArena, malloc_trim
 
 #: fraction of free memory the automatic budget lets states keep beside their parameters
 AUTO_FRACTION = 0.5
 #: pending device->host write-backs before the host waits (bounds device memory in use)
 MAX_IN_FLIGHT = 3
+#: CPU: paged state stepped by one call (then its pages leave the process): per-call costs (threads
+#: waking up, ~ms on a busy machine) are paid per batch, and resident memory stays bounded by it
+CPU_BATCH_BYTES = 64 * 2**20
 _ALIGN = 64
 _ALLOWED = (
     "bytes (a number > 1 or a size such as '2GiB'), a fraction of free memory in (0, 1] "
@@ -349,7 +352,7 @@ class PagedPlacement:
         step: Callable[[list[Any]], None],
         states: Mapping[Tensor, dict[str, Tensor]],
     ) -> None:
-        """Run ``step`` over one bucket: resident parameters at once, paged ones one by one.
+        """Run ``step`` over one bucket: resident parameters at once, paged ones in bounded batches.
 
         ``items`` are the engine's step inputs (with a ``state`` field and
         ``_replace``), one per parameter in ``params``; ``states`` is the
@@ -371,11 +374,28 @@ class PagedPlacement:
         resident = [item for i, item in enumerate(items) if i not in chosen]
         if resident:
             step(resident)
+        for batch in self._batches(params, paged):
+            chosen_params = [params[i] for i in batch]
+            chosen_states = [states[p] for p in chosen_params]
+            working = self.fetch(chosen_params, chosen_states)
+            step([items[i]._replace(state=working_state(w, tuple(items[i].p.shape)))
+                  for i, w in zip(batch, working, strict=True)])
+            self.release(chosen_params, chosen_states)
+
+    def _batches(self, params: Sequence[Tensor], paged: Sequence[int]) -> list[list[int]]:
+        """Paged parameters stepped together: on CPU up to ``CPU_BATCH_BYTES`` of state (one kernel call,
+        not one per parameter, and resident memory still bounded), on CUDA one at a time (streamed)."""
+        batches: list[list[int]] = []
+        size = 0
         for i in paged:
-            param = params[i]
-            (working,) = self.fetch([param], [states[param]])
-            step([items[i]._replace(state=working_state(working, tuple(items[i].p.shape)))])
-            self.release([param], [states[param]])
+            entry = self._paged[params[i]]
+            if entry.device.type == "cpu" and batches and size + entry.nbytes <= CPU_BATCH_BYTES:
+                batches[-1].append(i)
+                size += entry.nbytes
+            else:
+                batches.append([i])
+                size = entry.nbytes
+        return batches
 
     def fetch(self, params: Sequence[Tensor], states: Sequence[dict[str, Tensor]]) -> list[dict[str, Tensor]]:
         """Flat (1-D) state dicts to update ``params`` with, on their device; prefetches the next.
@@ -393,6 +413,9 @@ class PagedPlacement:
                 continue
             self._order.append(param)
             if entry.device.type == "cpu":
+                # map the pages writable in one call (the update writes every one of them): faulting them in
+                # one by one costs about twice as much
+                entry.region.advise(MADV_POPULATE_WRITE)
                 out.append(flat_state(state))  # updated in place in the mapping
             else:
                 if entry.pending is None:
