@@ -111,7 +111,13 @@ class SpillArena:
         """A zero-filled mapped range of at least ``nbytes``; OSError (nothing changed) if there is no space."""
         size = max(PAGE, -(-nbytes // PAGE) * PAGE)
         if self._file is None:
-            self._file = _File(open_spill_file(self.directory))
+            try:
+                self._file = _File(open_spill_file(self.directory))
+            except OSError as err:
+                raise OSError(
+                    err.errno, f"hf_optim: cannot create the spill file for paged optimizer state in "
+                    f"{self.directory!r} ({err.strerror}); pass paged_dir= a writable directory on a disk"
+                ) from None
         file = self._file
         with file.lock:
             reuse = next((i for i, (_, free) in enumerate(file.free) if free >= size), None)

@@ -69,7 +69,7 @@ AUTO_FRACTION = 0.5
 MAX_IN_FLIGHT = 3
 #: CPU: paged state stepped by one call (then its pages leave the process): per-call costs (threads
 #: waking up, ~ms on a busy machine) are paid per batch, and resident memory stays bounded by it
-CPU_BATCH_BYTES = 64 * 2**20
+CPU_BATCH_BYTES = 16 * 2**20
 _ALIGN = 64
 _ALLOWED = (
     "bytes (a number > 1 or a size such as '2GiB'), a fraction of free memory in (0, 1] "
@@ -258,8 +258,6 @@ class PagedPlacement:
                 else:
                     states.pop(param, None)
             raise
-        if created and self._paged:
-            malloc_trim()
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
@@ -278,6 +276,8 @@ class PagedPlacement:
             raise
         finally:
             self._journal = None
+        if journal.replaced and self._paged:
+            malloc_trim()  # the copies just moved into the spill file leave the heap
 
     def _place(self, param: Tensor, state: dict[str, Tensor], fresh: bool) -> None:
         """Register ``state`` (``fresh``: meta tensors to allocate as zeros) beside its parameter or paged."""
@@ -460,6 +460,8 @@ class PagedPlacement:
         if self._order:
             self._next = dict(zip(self._order, self._order[1:]))
             self._order = []
+        if any(entry.region is not None for entry in self._paged.values()):
+            malloc_trim()  # the step's temporaries go back to the OS, not into the heap's high-water mark
         s = self._stats
         faults = _major_faults()
         s.faults, self._faults0 = faults - self._faults0, faults
