@@ -10,10 +10,12 @@ codecs (``hf_optim.state``) only store.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import sys
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -214,15 +216,22 @@ class Optimizer(torch.optim.Optimizer):
     def _kahan(self, p: Tensor, group: Mapping[str, Any]) -> bool:
         return keeps_kahan(group, p.dtype)
 
-    def _new_state(self, p: Tensor, name: str | None, group: Mapping[str, Any]) -> dict[str, Tensor]:
+    def _new_state(self, p: Tensor, name: str | None, group: Mapping[str, Any],
+                   allocate: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None) -> dict[str, Tensor]:
+        """``allocate`` (the pager's) turns the layout, given on the meta device, into zeros where the state
+        lives: paged state is allocated in place, never as a full copy first."""
         local = _local(p)
+        like = local if allocate is None else torch.empty(local.shape, dtype=local.dtype, device="meta")
         state: dict[str, Tensor] = {"step": torch.zeros((), dtype=torch.float32, device=local.device)}
         for buffer, codec in self._layout(p, name, group):
-            state.update(codec.allocate(buffer, local))
+            state.update(codec.allocate(buffer, like))
+        if self._kahan(p, group):
+            state[KAHAN_KEY] = torch.zeros_like(like, memory_format=torch.contiguous_format)
+        if allocate is not None:
+            state = allocate(state)
+        for buffer, codec in self._layout(p, name, group):
             if buffer.kind == "param":  # starts as a copy of the parameter
                 codec.encode(local.detach().reshape(-1).to(compute_dtype(p.dtype)).clone(), flat_state(state), buffer)
-        if self._kahan(p, group):
-            state[KAHAN_KEY] = torch.zeros_like(local, memory_format=torch.contiguous_format)
         return state
 
     # --- step -------------------------------------------------------------------------
@@ -233,6 +242,10 @@ class Optimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self._pager is not None:  # every group's new states placed before any update: a full disk changes nothing
+            self._pager.prepare(self.state, ((p, functools.partial(self._new_state, p, name, group))
+                                             for group in self.param_groups for name, p in self._named(group)
+                                             if p.grad is not None))
         for group in self.param_groups:
             scalars = self.rule.scalars(group)
             flags = self._flags(group)
@@ -391,6 +404,16 @@ class Optimizer(torch.optim.Optimizer):
                 f"this optimizer has {len(self.param_groups)}"
             )
         new_groups, new_state = [], {}
+        with self._pager.transaction() if self._pager is not None else contextlib.nullcontext():
+            self._convert_all(state_dict, saved_groups, new_groups, new_state)
+        # nothing above touched self: commit only now that everything converted
+        self.param_groups = new_groups
+        self.state = defaultdict(dict, new_state)
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def _convert_all(self, state_dict: Mapping[str, Any], saved_groups: list, new_groups: list,
+                     new_state: dict) -> None:
         for index, (group, saved_group) in enumerate(zip(self.param_groups, saved_groups, strict=True)):
             if not isinstance(saved_group, Mapping) or not isinstance(saved_group.get("params"), list | tuple):
                 raise ValueError(f"loaded state dict: parameter group {index} is not a dict with a 'params' list")
@@ -417,11 +440,6 @@ class Optimizer(torch.optim.Optimizer):
                     new_state[p] = self._convert(p, name, merged, saved)
                     if self._pager is not None:  # off the device now, not after all are converted
                         self._pager.place(p, new_state[p])
-        # nothing above touched self: commit only now that everything converted
-        self.param_groups = new_groups
-        self.state = defaultdict(dict, new_state)
-        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
-            post_hook(self)
 
     def _convert(self, p: Tensor, name: str, group: Mapping[str, Any], saved: Mapping[str, Any]) -> dict[str, Tensor]:
         """One parameter's saved state in this optimizer's layout: every tensor checked, then copied

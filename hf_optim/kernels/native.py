@@ -11,7 +11,10 @@ The shared library is built on first use with ``-O3 -march=native`` (under a
 second) and cached under ``$HF_OPTIM_CACHE`` (default ``~/.cache/hf_optim``)
 by a hash of the source, flags, compiler and CPU, so it matches the machine it
 runs on; it is loaded with ctypes and links the OpenMP runtime torch already
-loaded. ``$HF_OPTIM_NATIVE_FLAGS`` adds compiler flags (e.g. ``-mno-avx512f``
+loaded. ``hf_optim.kernels.build`` keeps that cache private, builds
+atomically and verifies what it loads; a library is also checked against
+``torch.optim.AdamW`` once per process before it steps anything (``_self_check``).
+``$HF_OPTIM_NATIVE_FLAGS`` adds compiler flags (e.g. ``-mno-avx512f``
 for the portable C path on a machine that has AVX-512). ``step`` is the whole
 interface. It is also registered as the torch operator
 ``torch.ops.hf_optim.cpu_step`` (with a fake implementation), so a compiled
@@ -24,14 +27,9 @@ from __future__ import annotations
 import array
 import ctypes
 import functools
-import hashlib
 import itertools
-import os
 import platform
-import shlex
-import shutil
 import subprocess
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -42,6 +40,7 @@ from ..rules.base import Buffer, UpdateRule
 from ..state.base import StateCodec
 from ..state.blockwise import BLOCK, BlockwiseCodec
 from ..state.dense import DenseCodec
+from .build import cache_dir, compiler, env_flags, load  # noqa: F401 (cache_dir, compiler: this module's API)
 
 SOURCE = Path(__file__).with_name("cpu_step.c")
 #: -ffp-contract=off: no fused multiply-adds, so each operation rounds as torch's does
@@ -132,51 +131,64 @@ def rule_unsupported(rule: type[UpdateRule]) -> str | None:
     return library_error()
 
 
-def compiler() -> str | None:
-    return os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("HF_OPTIM_CACHE") or Path.home() / ".cache" / "hf_optim")
-
-
 @functools.cache
 def _library() -> ctypes.CDLL | str:
-    """The loaded kernel library, or why it could not be built (a string)."""
+    """The loaded, self-checked kernel library, or why there is none (a string)."""
     cc = compiler()
     if cc is None:
         return "no C compiler (gcc or cc) found"
-    flags = build_flags()
+    try:
+        flags = build_flags()
+    except ValueError as err:
+        return str(err)
     try:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError) as err:
         return f"{cc} does not run: {err}"
     # -march=native: a build is only good for this CPU (a shared home directory may serve several kinds)
-    digest = hashlib.sha256("\0".join([SOURCE.read_text(), *flags, version, _cpu_signature()]).encode())
-    target = cache_dir() / f"cpu_step-{digest.hexdigest()[:16]}.so"
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        # build beside the target and rename: processes launched together (DDP ranks) may race here
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-        os.close(fd)
-        build = subprocess.run([cc, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True)
-        if build.returncode != 0:
-            os.unlink(tmp)
-            return f"building {SOURCE.name} failed: {build.stderr.strip()[:500]}"
-        os.replace(tmp, target)
-    lib = ctypes.CDLL(str(target))
+    return load(SOURCE, [cc, *flags, str(SOURCE)], [version, _cpu_signature()], _configure, _self_check)
+
+
+def _configure(lib: ctypes.CDLL) -> None:
     lib.hf_optim_step.restype = ctypes.c_int
     lib.hf_optim_step.argtypes = [
         ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
         ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int,
     ]
-    return lib
+
+
+def _self_check(lib: ctypes.CDLL) -> str | None:
+    """None if ``lib`` steps AdamW (fp32 state, 3 blocks and a ragged tail, non-default hyperparameters)
+    as ``torch.optim.AdamW`` does, else what differs: a wrong library never steps silently."""
+    from ..rules.adamw import AdamW
+
+    gen = torch.Generator().manual_seed(0)
+    numel = 3 * BLOCK + 17
+    param, grad = torch.randn(numel, generator=gen), torch.randn(numel, generator=gen)
+    hp = {"lr": 1e-2, "beta1": 0.8, "beta2": 0.95, "eps": 1e-6, "weight_decay": 0.1}
+    reference = param.clone().requires_grad_()
+    reference.grad = grad.clone()
+    torch.optim.AdamW([reference], lr=hp["lr"], betas=(hp["beta1"], hp["beta2"]), eps=hp["eps"],
+                      weight_decay=hp["weight_decay"]).step()
+    states, counter = [torch.zeros(numel), torch.zeros(numel)], torch.zeros(())
+    c = AdamW.coefficients({k: torch.tensor(v) for k, v in hp.items()}, torch.tensor(1.0), {})
+    try:
+        step([param], [grad], states, [], torch.stack([c[name] for name in KERNELS["adamw"].coefficients]),
+             "adamw", [_STORE_FP32, _STORE_FP32], 0, [counter], library=lib)
+    except RuntimeError as err:
+        return str(err)
+    if not torch.allclose(param, reference.detach(), rtol=1e-5, atol=1e-6):
+        worst = (param - reference.detach()).abs().max().item()
+        return f"one AdamW step differs from torch.optim.AdamW by up to {worst:.3g}"
+    if counter.item() != 1.0:
+        return f"the step counter is {counter.item()} after one step, not 1"
+    return None
 
 
 def build_flags() -> tuple[str, ...]:
     """The compiler flags of this machine's build (``$HF_OPTIM_NATIVE_FLAGS`` last)."""
     flags = FLAGS + (X86_FLAGS if platform.machine().lower() in ("x86_64", "amd64") else ())
-    return flags + tuple(shlex.split(os.environ.get("HF_OPTIM_NATIVE_FLAGS", "")))
+    return flags + env_flags()  # ValueError naming $HF_OPTIM_NATIVE_FLAGS if it does not split
 
 
 def _cpu_signature() -> str:
@@ -205,6 +217,7 @@ def step(
     storage: Sequence[int],
     flags: int,
     counters: Sequence[Tensor] = (),
+    library: ctypes.CDLL | None = None,
 ) -> None:
     """One step of ``rule`` for every parameter, in place (the body of ``torch.ops.hf_optim.cpu_step``).
 
@@ -213,9 +226,9 @@ def step(
     ``kahans`` is empty or one compensation buffer per (bf16) parameter;
     ``counters`` is empty or one fp32 scalar step count per parameter, which the
     kernel advances by one. Every tensor must be contiguous; a parameter and its
-    gradient share dtype and size.
+    gradient share dtype and size. ``library``: the self-check's, before the process uses it.
     """
-    lib = _library()
+    lib = _library() if library is None else library
     if isinstance(lib, str):
         raise RuntimeError(f"hf_optim native kernel unavailable: {lib}")
     kernel = KERNELS[rule]

@@ -12,14 +12,23 @@ lookup) and moves only the states over budget:
   the previous step's); after the update it is written back asynchronously on
   a second side stream. At most ``MAX_IN_FLIGHT`` write-backs are pending, so
   device memory holds a few parameters' states, not all of them.
-- **CPU**: states over the RAM budget live in file-backed shared memory maps in
-  a spill directory (``paged_dir``, default ``tempfile.gettempdir()``). The OS
-  writes those pages to disk and drops them under memory pressure, so a machine
-  without swap can hold states larger than its free RAM; the update runs on the
-  mapped memory in place, and the next parameter's pages are prefetched with
-  ``madvise(MADV_WILLNEED)``. Each spill file is unlinked as soon as it is
-  mapped: the mapping keeps the data, and nothing is left behind however the
-  process ends (``del``, garbage collection, an exception, even SIGKILL).
+- **CPU**: states over the RAM budget live in one file-backed spill file per
+  optimizer in ``paged_dir`` (default ``tempfile.gettempdir()``;
+  ``hf_optim.state.arena``): a new state is allocated there directly (never a
+  full anonymous copy first), the update runs on the mapped memory in place,
+  the next parameter's pages are prefetched with ``madvise(MADV_WILLNEED)``
+  and, after its update, a parameter's pages leave the process
+  (``MADV_DONTNEED``: they stay in the page cache, which the OS writes to disk
+  and drops under memory pressure), so a machine without swap can hold states
+  larger than its free RAM. The file has no name (``O_TMPFILE``), so nothing
+  is left behind however the process ends (even SIGKILL), and every range is
+  reserved on disk before it is mapped, so a full disk is an ``OSError`` when
+  states are placed, never a SIGBUS mid-step.
+
+Placing is all or nothing: the engine places every new state of a step before
+any update (``prepare``) and a load's states inside ``transaction``, so when
+space runs out the step changes nothing and a failed load leaves the pager as
+it was.
 
 The update itself is the same kernel on the same values, so paged and
 non-paged optimizers give bit-identical results; ``export`` copies paged
@@ -35,15 +44,14 @@ unused. ``paged_budget=0`` pages everything.
 
 from __future__ import annotations
 
+import contextlib
 import math
-import mmap
 import os
 import resource
 import tempfile
 import time
-import warnings
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,11 +61,15 @@ from torch import Tensor
 from ..execution import flat_state, working_state
 from ..sizes import parse_size
 from ..user_warnings import warn_user
+from .arena import MADV_DONTNEED, MADV_POPULATE_WRITE, MADV_WILLNEED, Region, SpillArena, malloc_trim
 
 #: fraction of free memory the automatic budget lets states keep beside their parameters
 AUTO_FRACTION = 0.5
 #: pending device->host write-backs before the host waits (bounds device memory in use)
 MAX_IN_FLIGHT = 3
+#: CPU: paged state stepped by one call (then its pages leave the process): per-call costs (threads
+#: waking up, ~ms on a busy machine) are paid per batch, and resident memory stays bounded by it
+CPU_BATCH_BYTES = 16 * 2**20
 _ALIGN = 64
 _ALLOWED = (
     "bytes (a number > 1 or a size such as '2GiB'), a fraction of free memory in (0, 1] "
@@ -131,10 +143,20 @@ class _Paged:
     keys: tuple[str, ...]  # which entries are paged
     device: torch.device  # the parameter's device
     nbytes: int
-    region: mmap.mmap | None = None  # CPU: the file-backed mapping holding the tensors
+    region: Region | None = None  # CPU: the range of the spill file holding the tensors
     ready: Any = None  # CUDA: event after the host->device copy
     pending: dict[str, Tensor] | None = None  # CUDA: device copies (prefetched or in use)
     written: Any = None  # CUDA: event after the last write-back
+
+
+@dataclass
+class _Journal:
+    """What a transaction restores on failure: the pager's books and every state entry it replaced."""
+
+    paged: dict[Tensor, _Paged]
+    resident: dict[Tensor, tuple[torch.device, int]]
+    used: dict[torch.device, int]
+    replaced: list[tuple[dict[str, Tensor], str, Tensor]] = field(default_factory=list)
 
 
 @dataclass
@@ -171,6 +193,8 @@ class PagedPlacement:
         self._stats = _Stats()
         self._faults0 = _major_faults()
         self._warned_tmpfs = False
+        self._arena = SpillArena(spill)
+        self._journal: _Journal | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         # a copy (deepcopy, pickle) keeps the options; its states are placed anew when first stepped
@@ -193,30 +217,102 @@ class PagedPlacement:
         return self._budget[device]
 
     def place(self, param: Tensor, state: dict[str, Tensor]) -> None:
-        """Keep ``state`` beside its parameter within budget, else move it off the device."""
+        """Keep ``state`` beside its parameter within budget, else move it off the device.
+
+        All or nothing: if the move fails (no space for the spill file), ``state`` and the pager are as before.
+        """
+        with self.transaction():
+            self._place(param, state, fresh=False)
+
+    def allocate(self, param: Tensor, layout: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Zero-valued state for ``param`` where it will live, from ``layout`` (its tensors on the meta device).
+
+        Paged CPU state is allocated in the spill file directly: no anonymous copy is ever made of it.
+        """
+        state = dict(layout)
+        self._place(param, state, fresh=True)
+        return state
+
+    def prepare(self, states: MutableMapping[Tensor, dict[str, Tensor]],
+                makers: Iterable[tuple[Tensor, Callable[..., dict[str, Tensor]]]]) -> None:
+        """Before a step updates anything: create the missing states (``maker(allocate=...)``) and place any
+        state the pager does not know (e.g. after a deepcopy), all or nothing: a full disk changes nothing."""
+        created: list[tuple[Tensor, bool]] = []
+        try:
+            with self.transaction():
+                for param, maker in makers:
+                    known = param in states
+                    state = states[param]
+                    if not state:
+                        created.append((param, known))
+                        state.update(maker(allocate=lambda layout, p=param: self.allocate(p, layout)))
+                        entry = self._paged.get(param)
+                        if entry is not None:
+                            entry.state = state  # the optimizer's own dict, which ``fetch`` checks
+                    elif param not in self._paged and param not in self._resident:
+                        self._place(param, state, fresh=False)
+        except BaseException:
+            for param, known in created:
+                if known:
+                    states[param].clear()
+                else:
+                    states.pop(param, None)
+            raise
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Placements inside are all or nothing: on an exception the pager and every state dict it changed
+        are restored (the spill ranges placed since return to the arena when their tensors are gone)."""
+        if self._journal is not None:  # nested: the outer transaction decides
+            yield
+            return
+        journal = self._journal = _Journal(dict(self._paged), dict(self._resident), dict(self._used))
+        try:
+            yield
+        except BaseException:
+            for state, key, old in reversed(journal.replaced):
+                state[key] = old
+            self._paged, self._resident, self._used = journal.paged, journal.resident, journal.used
+            raise
+        finally:
+            self._journal = None
+        if journal.replaced and self._paged:
+            malloc_trim()  # the copies just moved into the spill file leave the heap
+
+    def _place(self, param: Tensor, state: dict[str, Tensor], fresh: bool) -> None:
+        """Register ``state`` (``fresh``: meta tensors to allocate as zeros) beside its parameter or paged."""
         self._forget(param)
         keys = tuple(k for k, t in state.items() if isinstance(t, Tensor) and t.dim() > 0 and t.numel() > 0)
-        if not keys:
-            return
         to_local = getattr(param, "to_local", None)  # a DTensor's state is its local shard's
         device = (to_local() if to_local is not None else param).device
         nbytes = sum(state[k].nbytes for k in keys)
-        if self._used.get(device, 0) + nbytes <= self.budget(device):
-            for k in keys:
-                if state[k].device != device:  # a copied paged state coming home
-                    state[k] = state[k].to(device)
-            self._resident[param] = (device, nbytes)
-            self._used[device] = self._used.get(device, 0) + nbytes
+        if keys and self._used.get(device, 0) + nbytes > self.budget(device):
+            entry = _Paged(state, keys, device, nbytes)
+            if device.type == "cuda":
+                moved = {k: torch.zeros(state[k].shape, dtype=state[k].dtype, pin_memory=True) if fresh
+                         else torch.empty(state[k].shape, dtype=state[k].dtype, pin_memory=True).copy_(state[k])
+                         for k in keys}
+            elif device.type == "cpu":
+                entry.region, moved = self._map(state, keys, fresh)
+            else:
+                raise RuntimeError(f"placement='paged' supports CPU and CUDA parameters, not {device.type}")
+            # the 0-d step (and any empty buffer) stays beside the parameter
+            moved.update({k: torch.zeros(t.shape, dtype=t.dtype, device=device)
+                          for k, t in state.items() if t.is_meta and k not in moved})
+            self._replace(state, moved)
+            self._paged[param] = entry
             return
-        entry = _Paged(state, keys, device, nbytes)
-        if device.type == "cuda":
-            for k in keys:
-                state[k] = torch.empty(state[k].shape, dtype=state[k].dtype, pin_memory=True).copy_(state[k])
-        elif device.type == "cpu":
-            entry.region = self._map(state, keys, nbytes)
-        else:
-            raise RuntimeError(f"placement='paged' supports CPU and CUDA parameters, not {device.type}")
-        self._paged[param] = entry
+        self._replace(state, {k: torch.zeros(t.shape, dtype=t.dtype, device=device) if t.is_meta
+                              else t.to(device)  # a copied paged state coming home
+                              for k, t in state.items() if t.device != device})
+        self._resident[param] = (device, nbytes)  # (also a state with nothing to page: known, never re-placed)
+        self._used[device] = self._used.get(device, 0) + nbytes
+
+    def _replace(self, state: dict[str, Tensor], tensors: Mapping[str, Tensor]) -> None:
+        for key, tensor in tensors.items():
+            if self._journal is not None:
+                self._journal.replaced.append((state, key, state[key]))
+            state[key] = tensor
 
     def _forget(self, param: Tensor) -> None:
         device, nbytes = self._resident.pop(param, (None, 0))
@@ -224,8 +320,8 @@ class PagedPlacement:
             self._used[device] -= nbytes
         self._paged.pop(param, None)
 
-    def _map(self, state: dict[str, Tensor], keys: Sequence[str], nbytes: int) -> mmap.mmap:
-        """Copy ``state[keys]`` into one file-backed mapping (its file already unlinked)."""
+    def _map(self, state: dict[str, Tensor], keys: Sequence[str], fresh: bool) -> tuple[Region, dict[str, Tensor]]:
+        """One range of the spill file for ``state[keys]``: zeros (``fresh``) or a copy of the tensors."""
         if not self._warned_tmpfs and _fs_type(os.path.realpath(self.paged_dir)) in ("tmpfs", "ramfs"):
             self._warned_tmpfs = True
             warn_user(
@@ -237,28 +333,15 @@ class PagedPlacement:
         for k in keys:
             offsets.append(size)
             size += -(-state[k].nbytes // _ALIGN) * _ALIGN
-        fd, path = tempfile.mkstemp(prefix="hf_optim_paged_", suffix=".bin", dir=self.paged_dir)
-        try:
-            try:
-                os.posix_fallocate(fd, 0, size)  # reserve the disk now: a full disk errors here, not SIGBUS later
-            except OSError as err:
-                raise OSError(
-                    err.errno, f"hf_optim: cannot reserve {size} bytes for paged optimizer state in "
-                    f"{self.paged_dir!r} ({err.strerror}); pass paged_dir= a directory with space"
-                ) from None
-            region = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-        finally:
-            os.close(fd)
-            os.unlink(path)  # the mapping keeps the data; nothing can be left behind
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            raw = torch.frombuffer(region, dtype=torch.uint8)
+        region = self._arena.allocate(size)  # zero-filled: a fresh state needs no write at all
+        moved = {}
         for k, offset in zip(keys, offsets, strict=True):
-            t = state[k]
-            home = raw[offset : offset + t.nbytes].view(t.dtype).view(t.shape)
-            home.copy_(t)
-            state[k] = home
-        return region
+            moved[k] = region.tensor(offset, state[k].shape, state[k].dtype)
+            if not fresh:
+                moved[k].copy_(state[k])
+        if not fresh:
+            region.advise(MADV_DONTNEED)  # written: its pages may leave the process until the next update
+        return region, moved
 
     # --- around the update ----------------------------------------------------------
 
@@ -269,7 +352,7 @@ class PagedPlacement:
         step: Callable[[list[Any]], None],
         states: Mapping[Tensor, dict[str, Tensor]],
     ) -> None:
-        """Run ``step`` over one bucket: resident parameters at once, paged ones one by one.
+        """Run ``step`` over one bucket: resident parameters at once, paged ones in bounded batches.
 
         ``items`` are the engine's step inputs (with a ``state`` field and
         ``_replace``), one per parameter in ``params``; ``states`` is the
@@ -291,11 +374,28 @@ class PagedPlacement:
         resident = [item for i, item in enumerate(items) if i not in chosen]
         if resident:
             step(resident)
+        for batch in self._batches(params, paged):
+            chosen_params = [params[i] for i in batch]
+            chosen_states = [states[p] for p in chosen_params]
+            working = self.fetch(chosen_params, chosen_states)
+            step([items[i]._replace(state=working_state(w, tuple(items[i].p.shape)))
+                  for i, w in zip(batch, working, strict=True)])
+            self.release(chosen_params, chosen_states)
+
+    def _batches(self, params: Sequence[Tensor], paged: Sequence[int]) -> list[list[int]]:
+        """Paged parameters stepped together: on CPU up to ``CPU_BATCH_BYTES`` of state (one kernel call,
+        not one per parameter, and resident memory still bounded), on CUDA one at a time (streamed)."""
+        batches: list[list[int]] = []
+        size = 0
         for i in paged:
-            param = params[i]
-            (working,) = self.fetch([param], [states[param]])
-            step([items[i]._replace(state=working_state(working, tuple(items[i].p.shape)))])
-            self.release([param], [states[param]])
+            entry = self._paged[params[i]]
+            if entry.device.type == "cpu" and batches and size + entry.nbytes <= CPU_BATCH_BYTES:
+                batches[-1].append(i)
+                size += entry.nbytes
+            else:
+                batches.append([i])
+                size = entry.nbytes
+        return batches
 
     def fetch(self, params: Sequence[Tensor], states: Sequence[dict[str, Tensor]]) -> list[dict[str, Tensor]]:
         """Flat (1-D) state dicts to update ``params`` with, on their device; prefetches the next.
@@ -313,6 +413,9 @@ class PagedPlacement:
                 continue
             self._order.append(param)
             if entry.device.type == "cpu":
+                # map the pages writable in one call (the update writes every one of them): faulting them in
+                # one by one costs about twice as much
+                entry.region.advise(MADV_POPULATE_WRITE)
                 out.append(flat_state(state))  # updated in place in the mapping
             else:
                 if entry.pending is None:
@@ -328,6 +431,11 @@ class PagedPlacement:
         """After the update of ``params``: write device copies back to the host, asynchronously."""
         for param in params:
             entry = self._paged.get(param)
+            if entry is not None and entry.region is not None:
+                # updated: the pages leave this process (they stay in the page cache, written back by the OS),
+                # so resident memory holds one parameter's state at a time
+                entry.region.advise(MADV_DONTNEED)
+                continue
             if entry is None or entry.device.type != "cuda" or entry.pending is None:
                 continue
             compute = torch.cuda.current_stream(entry.device)
@@ -352,6 +460,8 @@ class PagedPlacement:
         if self._order:
             self._next = dict(zip(self._order, self._order[1:]))
             self._order = []
+        if any(entry.region is not None for entry in self._paged.values()):
+            malloc_trim()  # the step's temporaries go back to the OS, not into the heap's high-water mark
         s = self._stats
         faults = _major_faults()
         s.faults, self._faults0 = faults - self._faults0, faults
@@ -386,8 +496,8 @@ class PagedPlacement:
         if entry.device.type == "cuda":
             if entry.pending is None:
                 self._to_device(entry)
-        elif entry.region is not None and hasattr(mmap, "MADV_WILLNEED"):
-            entry.region.madvise(mmap.MADV_WILLNEED)
+        elif entry.region is not None:
+            entry.region.advise(MADV_WILLNEED)
 
     # --- state dict and telemetry ---------------------------------------------------
 
@@ -401,6 +511,9 @@ class PagedPlacement:
         if not self._paged:
             return state_dict
         self.synchronize()
+        for entry in self._paged.values():
+            if entry.region is not None:
+                entry.region.advise(MADV_WILLNEED)
         paged = {id(e.state[k]) for e in self._paged.values() for k in e.keys}
         state_dict["state"] = {
             index: {k: _plain(t) if id(t) in paged else t for k, t in state.items()}
@@ -408,6 +521,9 @@ class PagedPlacement:
             else state
             for index, state in state_dict["state"].items()
         }
+        for entry in self._paged.values():  # read: the pages may leave the process again
+            if entry.region is not None:
+                entry.region.advise(MADV_DONTNEED)
         return state_dict
 
     def stats(self) -> dict[str, float]:
