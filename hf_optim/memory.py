@@ -155,7 +155,13 @@ def optimizer_memory(
     hyperparameters: dict[str, Any] | None = None,
 ) -> MemoryRow:
     """The exact memory row for one hf_optim optimizer name."""
-    spec = registry.get_spec(optim)
+    spec = registry.resolve(optim)
+    if spec is None:
+        same = " (torch's AdamW keeps the same fp32 state as 'adamw')" if optim.startswith("adamw_torch") else ""
+        raise ValueError(
+            f"optim={optim!r} is a transformers optimizer; the memory model covers hf_optim names "
+            f"(`hf-optim list`){same}"
+        )
     if isinstance(model_or_n_params, torch.nn.Module):
         named = _named_params(model_or_n_params)
         dtype_of = (lambda p: _dtype(param_dtype)) if param_dtype is not None else (lambda p: p.dtype)

@@ -110,8 +110,8 @@ class OptimizerSpec:
             kwargs["placement"] = self.placement
         return kwargs
 
-    def check_kwargs(self, kwargs: Mapping[str, Any]) -> dict[str, Any]:
-        """Type-check user hyperparameters against this optimizer's signature."""
+    def check_kwargs(self, kwargs: Mapping[str, Any], source: str = "optim_args") -> dict[str, Any]:
+        """Type-check user hyperparameters against this optimizer's signature (``source`` names them in errors)."""
         fixed = self.fixed_kwargs()
         clash = sorted(k for k in kwargs if k in fixed and kwargs[k] != fixed[k])
         if clash:
@@ -119,7 +119,7 @@ class OptimizerSpec:
                 f"{self.name!r} fixes {', '.join(f'{k}={fixed[k]!r}' for k in clash)}; "
                 "pick another optimizer name instead of overriding it"
             )
-        out = coerce_optim_args(kwargs, self.defaults, f"optimizer {self.name!r}")
+        out = coerce_optim_args(kwargs, self.defaults, f"optimizer {self.name!r}", source)
         if self.is_hf_optim:  # paged_* options: checked now, and only with the paged placement
             from .state.placement import build_placement
 
@@ -127,8 +127,11 @@ class OptimizerSpec:
             build_placement(out.get("placement", fixed.get("placement", "device")), **paged)
         return out
 
-    def build(self, params: Iterable[Any], **hyperparameters: Any) -> torch.optim.Optimizer:
-        return self.load_class()(params, **{**self.fixed_kwargs(), **self.check_kwargs(hyperparameters)})
+    def build(
+        self, params: Iterable[Any], source: str = "optim_args", **hyperparameters: Any
+    ) -> torch.optim.Optimizer:
+        checked = self.check_kwargs(hyperparameters, source)
+        return self.load_class()(params, **{**self.fixed_kwargs(), **checked})
 
 
 def _plugins() -> dict[str, Any]:
@@ -202,6 +205,9 @@ def get_spec(name: str) -> OptimizerSpec:
 
 
 def transformers_names() -> list[str]:
+    from .integrations import quiet_imports
+
+    quiet_imports.install()
     from transformers.training_args import OptimizerNames
 
     return [member.value for member in OptimizerNames]
@@ -253,6 +259,9 @@ def decay_groups(
     ``get_decay_parameter_names(model)``); default transformers' rule.
     """
     if decay_names is None:
+        from .integrations import quiet_imports
+
+        quiet_imports.install()
         from transformers import Trainer
 
         decay_names = Trainer.get_decay_parameter_names(None, model)  # uses no Trainer state
@@ -281,12 +290,15 @@ def create_optimizer(
     if isinstance(model_or_params, torch.nn.Module):
         weight_decay = hyperparameters.pop("weight_decay", spec.defaults.get("weight_decay", 0.0))
         params = decay_groups(model_or_params, weight_decay)
-    return spec.build(params, **hyperparameters)
+    return spec.build(params, source="create_optimizer", **hyperparameters)
 
 
 def _create_transformers_optimizer(name: str, model_or_params: Any, hyperparameters: dict[str, Any]):
     """transformers' class and defaults for ``name``; ``hyperparameters`` override them as given,
     so the optimizer itself rejects a key it does not take."""
+    from .integrations import quiet_imports
+
+    quiet_imports.install()
     from transformers import Trainer, TrainingArguments
 
     lr = hyperparameters.pop("lr", 1e-3)
