@@ -17,6 +17,10 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
+# eager, because the submodule has the function's name: a lazy attribute would be shadowed by
+# the module object as soon as anything imports ``hf_optim.recommend``
+from .recommend import Recommendation, recommend
+
 #: public name -> the module (relative to this package) that defines it
 _EXPORTS: dict[str, str] = {
     "Optimizer": ".engine",
@@ -36,8 +40,6 @@ _EXPORTS: dict[str, str] = {
     "Lion": ".optimizers",
     "Ranger": ".optimizers",
     "StableAdamW": ".optimizers",
-    "Recommendation": ".recommend",
-    "recommend": ".recommend",
     "OptimizerSpec": ".registry",
     "create_optimizer": ".registry",
     "get_spec": ".registry",
@@ -98,6 +100,5 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, eagerly
     from .integrations.transformers import HfOptimMixin, Trainer, TrainingArguments, with_hf_optim
     from .memory import memory_table
     from .optimizers import LAMB, LARS, SGD, AdamW, Adan, Lion, Ranger, StableAdamW
-    from .recommend import Recommendation, recommend
     from .registry import OptimizerSpec, create_optimizer, get_spec, hf_optim_names, resolve
     from .schedules import get_scheduler

@@ -249,6 +249,26 @@ def unknown_name_message(name: str, what: str, valid: list[str]) -> str:
 
 # --- building from a model ------------------------------------------------------------
 
+#: ``min_8bit_size`` when the model trains adapters (a PEFT model): one 256-element block. LoRA's
+#: matrices are r x hidden (8 x 64 = 512 elements), all under the general 4096, where "8-bit" would
+#: keep every adapter's state in fp32 and save nothing
+ADAPTER_MIN_8BIT_SIZE = 256
+
+
+def is_adapter_model(model: Any) -> bool:
+    """A PEFT model (LoRA, ...), also inside DDP's ``module``."""
+    model = getattr(model, "module", model)
+    return hasattr(model, "peft_config") and callable(getattr(model, "get_base_model", None))
+
+
+def adapter_defaults(spec: OptimizerSpec, model: Any, given: Mapping[str, Any]) -> dict[str, Any]:
+    """Options that serve adapter training better than the general defaults (the user's own always win)."""
+    if spec.state_precision == "8bit" and "min_8bit_size" not in given and spec.is_hf_optim:
+        if is_adapter_model(model):
+            return {"min_8bit_size": ADAPTER_MIN_8BIT_SIZE}
+    return {}
+
+
 
 def decay_groups(
     model: torch.nn.Module, weight_decay: float, decay_names: Iterable[str] | None = None
@@ -288,6 +308,7 @@ def create_optimizer(
         return _create_transformers_optimizer(name, model_or_params, hyperparameters)
     params: Any = model_or_params
     if isinstance(model_or_params, torch.nn.Module):
+        hyperparameters = {**adapter_defaults(spec, model_or_params, hyperparameters), **hyperparameters}
         weight_decay = hyperparameters.pop("weight_decay", spec.defaults.get("weight_decay", 0.0))
         params = decay_groups(model_or_params, weight_decay)
     return spec.build(params, source="create_optimizer", **hyperparameters)

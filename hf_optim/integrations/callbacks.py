@@ -31,7 +31,7 @@ from transformers import TrainerCallback
 from .. import memory
 from ..engine import Optimizer, unwrap
 from ..rules.lion import LION_MAX_LR, adamw_sized_advice
-from ..state import planned_bytes
+from ..state import keeps_kahan, planned_bytes
 from ..user_warnings import warn_user
 
 logger = logging.getLogger("hf_optim")
@@ -103,6 +103,13 @@ def optimizer_report(optimizer: Any, lr_scheduler: Any = None) -> dict[str, Any]
     measured = memory.state_bytes(opt)
     report["state_bytes"] = measured
     report["state_bytes_predicted"] = predicted if hf_opt else None
+    trainable = [p for g in opt.param_groups for p in g["params"] if p.requires_grad]
+    report["n_trainable"] = sum(p.numel() for p in trainable)
+    # Kahan buffers of bf16/fp16 parameters: part of the bytes above, and the part kahan_sum=False saves
+    report["kahan_bytes"] = sum(
+        p.numel() * p.dtype.itemsize for g in opt.param_groups for p in g["params"]
+        if p.requires_grad and hf_opt and keeps_kahan(g, p.dtype)
+    )
     return report
 
 
@@ -119,7 +126,12 @@ def format_report(report: Mapping[str, Any]) -> str:
         shape = str(row["shape"])
         lines.append(f"    {row['name']:60s} {row['dtype']:9s} {shape:22s} {row['state']:16s} {row['placement']}")
     if report.get("state_bytes_predicted") is not None:
-        lines.append(f"  state bytes once every parameter has stepped: {report['state_bytes_predicted']:,}")
+        predicted, n = report["state_bytes_predicted"], max(report.get("n_trainable") or 0, 1)
+        line = f"  state bytes once every parameter has stepped: {predicted:,} ({predicted / n:.2f} B/param"
+        if report.get("kahan_bytes"):
+            line += (f", of which {report['kahan_bytes']:,} Kahan buffers of bf16/fp16 parameters: "
+                     f"optim_args='kahan_sum=False' makes it {(predicted - report['kahan_bytes']) / n:.2f} B/param")
+        lines.append(line + ")")
     lines.append(f"  state bytes now: {report['state_bytes']:,}")
     return "\n".join(lines)
 
@@ -187,8 +199,9 @@ def unquantized_advice(report: Mapping[str, Any], optimizer: Any) -> str | None:
     return (
         f"8-bit optimizer state covers only {quantized / total:.0%} of the {total:,} trainable elements: tensors "
         f"under min_8bit_size={smallest} elements and names matching fp32_patterns (embeddings, lm_head, norms) "
-        "keep fp32 state, so this uses about the fp32 optimizer's memory. For small tensors (LoRA adapters) pass "
-        "optim_args='min_8bit_size=0' (or a smaller size); else the fp32 name does the same with less work."
+        "keep fp32 state, so this uses about the fp32 optimizer's memory. For small tensors pass "
+        "optim_args='min_8bit_size=0' (or a smaller size; PEFT adapter models get 256 by default); else the fp32 "
+        "name does the same with less work."
     )
 
 

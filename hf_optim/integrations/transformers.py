@@ -186,7 +186,11 @@ class HfOptimMixin:
         kwargs = optimizer_kwargs(self.args)
         overrides = optim_args_overrides(self.args, kwargs)
         if overrides and self.args.should_log:
+            from .callbacks import follow_trainer_logging
+
+            follow_trainer_logging(self.args)
             logger.info("hf_optim: optim_args overrides TrainingArguments: %s", "; ".join(overrides))
+        kwargs = {**registry.adapter_defaults(spec, opt_model, kwargs), **kwargs}
         weight_decay = kwargs.pop("weight_decay", self.args.weight_decay)
         decay_names = self.get_decay_parameter_names(opt_model)  # type: ignore[attr-defined]
         groups = registry.decay_groups(opt_model, weight_decay, decay_names)
@@ -216,7 +220,9 @@ class HfOptimMixin:
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
         _undo_evaluation_prepare(self)
-        return super().train(*args, **kwargs)  # type: ignore[misc]
+        result = super().train(*args, **kwargs)  # type: ignore[misc]
+        check_ranks_in_sync(self)
+        return result
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         if checkpoint is not None:
@@ -246,6 +252,39 @@ def _undo_evaluation_prepare(trainer: Any) -> None:
         model.forward = model._original_forward
         del model._original_forward
     accelerator._models[:] = [m for m in accelerator._models if m is not model]
+
+
+def check_ranks_in_sync(trainer: Any) -> None:
+    """After data-parallel training, every rank must hold the same parameters, bit for bit.
+
+    A launch that leaves each process training alone (a model that was never
+    wrapped in DDP) otherwise ends with exit code 0 and one model per rank. Each
+    rank hashes its parameters; rank 0 logs the hashes (INFO) and every rank
+    raises if they differ. Sharded set-ups (FSDP, DeepSpeed) hold different
+    shards by design and are skipped.
+    """
+    import hashlib
+
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return
+    if getattr(trainer, "is_deepspeed_enabled", False) or getattr(trainer, "is_fsdp_enabled", False):
+        return
+    digest = hashlib.sha256()
+    for name, p in trainer.model.named_parameters():
+        digest.update(name.encode())
+        digest.update(p.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    digests: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(digests, digest.hexdigest())
+    if len(set(digests)) > 1:
+        raise RuntimeError(
+            f"hf_optim: after training, the {len(digests)} ranks hold different parameters (sha256 per rank: "
+            f"{', '.join(d[:12] for d in digests)}): each process trained its own model, never wrapped in DDP. On a "
+            "machine without GPUs, launch with --use_cpu (TrainingArguments(use_cpu=True)) so the processes join."
+        )
+    if trainer.args.should_log:
+        logger.info("hf_optim: %d ranks ended with identical parameters (sha256 per rank: %s)", len(digests),
+                    " ".join(digests))
 
 
 def _check_resumable(optimizer: Any, optim: str, checkpoint: str) -> None:
