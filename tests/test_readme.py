@@ -16,6 +16,7 @@ import re
 import shlex
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -69,7 +70,7 @@ def bash_commands() -> list[str]:
 def test_the_readme_has_the_blocks_this_test_runs():
     assert len(blocks("python")) >= 4 and len(bash_commands()) >= 15
     skipped = [c for c in bash_commands() if _skip_reason(c)]
-    assert len(skipped) < len(bash_commands()) / 2, skipped  # most commands really run
+    assert len(bash_commands()) - len(skipped) >= 9, skipped  # the CLI and recipe commands really run
 
 
 def _skip_reason(command: str) -> str | None:
@@ -97,7 +98,11 @@ def placeholders(tmp_path_factory):
 
 def test_python_blocks_run(tmp_path, monkeypatch, placeholders):
     monkeypatch.chdir(tmp_path)
-    namespace: dict = dict(placeholders)
+    # a real module, as a reader's script is: classes defined in a block can be pickled (training_args.bin)
+    module = types.ModuleType("readme_blocks")
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    namespace = module.__dict__
+    namespace.update(placeholders)
     for index, code in enumerate(blocks("python")):
         try:
             exec(compile(code, f"README.md python block {index}", "exec"), namespace)

@@ -7,6 +7,7 @@ noise of ``import hf_optim``, and the small CLI / resume / keyword errors.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import subprocess
 import sys
@@ -124,17 +125,21 @@ def test_trl_sft_with_lion_8bit_and_warmup_cosine(tmp_path, byte_tokenizer):
     assert isinstance(converted.args, SFTConfig) and converted.args.optim == "lion"
 
 
+@dataclasses.dataclass
+class MyArgs(transformers.TrainingArguments):  # at module level, as a user's own: importable, so picklable
+    my_option: int = 3
+
+
 def test_with_hf_optim_makes_any_training_arguments_subclass_take_our_names(tmp_path):
-    import dataclasses
-
-    @dataclasses.dataclass
-    class MyArgs(transformers.TrainingArguments):
-        my_option: int = 3
-
     Ours = hf_optim.with_hf_optim(MyArgs)
     args = Ours(str(tmp_path), optim="paged_lamb_8bit", lr_scheduler_type="one_cycle", my_option=5)
     assert isinstance(args, MyArgs) and (args.optim, args.lr_scheduler_type, args.my_option) == (
         "paged_lamb_8bit", "one_cycle", 5)
+    assert hf_optim.with_hf_optim(MyArgs) is Ours
+    import pickle
+
+    again = pickle.loads(pickle.dumps(args))  # the Trainer saves its arguments with torch.save
+    assert type(again) is Ours and again.optim == "paged_lamb_8bit" and again.my_option == 5
     parsed, = transformers.HfArgumentParser(Ours).parse_args_into_dataclasses(
         ["--output_dir", str(tmp_path), "--optim", "adan_8bit"])
     assert parsed.optim == "adan_8bit"

@@ -83,6 +83,10 @@ def _check_and_init(self: Any, base_post_init: Any) -> None:
         schedules.check_kwargs(schedule, self.lr_scheduler_kwargs or {})
 
 
+#: base class -> its hf_optim subclass, so one base always gives one class (and unpickling finds it)
+_GENERATED: dict[type, type] = {}
+
+
 def with_hf_optim(base: type, name: str | None = None, module: str | None = None) -> type:
     """``base`` (a ``TrainingArguments`` dataclass subclass) with hf_optim's ``optim`` and ``lr_scheduler_type``.
 
@@ -90,9 +94,12 @@ def with_hf_optim(base: type, name: str | None = None, module: str | None = None
     ``base`` (so ``isinstance(args, base)`` holds and ``HfArgumentParser`` reads it)
     whose ``optim`` takes every hf_optim name and whose ``lr_scheduler_type`` takes
     every hf_optim schedule. Pair it with ``class T(hf_optim.HfOptimMixin, TheTrainer)``.
+    Its instances pickle (the Trainer saves ``training_args.bin``) wherever it was made.
     """
     if not (isinstance(base, type) and issubclass(base, transformers.TrainingArguments)):
         raise TypeError(f"with_hf_optim: base={base!r} is not a transformers.TrainingArguments subclass")
+    if name is None and base in _GENERATED:
+        return _GENERATED[base]
     base_post_init = base.__post_init__
 
     def __post_init__(self: Any) -> None:
@@ -103,10 +110,21 @@ def with_hf_optim(base: type, name: str | None = None, module: str | None = None
         "__post_init__": __post_init__,
         "__doc__": base.__doc__,
         "__module__": module or sys._getframe(1).f_globals.get("__name__", __name__),
-        "__qualname__": name or base.__name__,
+        "__qualname__": name or f"HfOptim{base.__name__}",
         **{key: make() for key, (_, make) in _FIELDS.items()},
     }
-    return dataclasses.dataclass(type(name or base.__name__, (base,), namespace))
+    if name is None:  # not importable by module.name: pickle through the base class, which is
+        namespace["__reduce__"] = lambda self: (_restore, (base, dict(self.__dict__)))
+    cls = dataclasses.dataclass(type(name or f"HfOptim{base.__name__}", (base,), namespace))
+    _GENERATED.setdefault(base, cls)
+    return cls
+
+
+def _restore(base: type, state: dict[str, Any]) -> Any:
+    cls = with_hf_optim(base)
+    obj = cls.__new__(cls)
+    obj.__dict__.update(state)
+    return obj
 
 
 TrainingArguments = with_hf_optim(transformers.TrainingArguments, "TrainingArguments", __name__)
