@@ -61,8 +61,10 @@ def _schedule_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _schedule(args: argparse.Namespace) -> int:
-    from .schedules import cli_run
+    from .schedules import cli_run, is_registered
 
+    if args.warmup is None and not is_registered(args.name):
+        args.warmup = 0  # transformers' schedules take no default warmup; theirs is 0 steps in TrainingArguments too
     return cli_run(args)
 
 
@@ -97,7 +99,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         add_arguments(sub.add_parser(name, help=help_text, description=help_text))
         runners[name] = run
     args = parser.parse_args(argv)
-    return runners[args.command](args)
+    from .integrations import quiet_imports
+
+    quiet_imports.install()  # the peers' CUDA-less import noise stays out of the output
+    try:
+        return runners[args.command](args)
+    except (ValueError, FileNotFoundError) as err:  # bad input: one clear line, not a traceback
+        print(f"hf-optim {args.command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -31,7 +31,8 @@ from typing import Any
 from . import registry
 from .memory import format_bytes
 
-DEFAULT_RECIPE = "recipes/train_clm.py"
+#: the recipe ships inside the package, so compare runs from any directory
+DEFAULT_RECIPE = str(Path(__file__).resolve().parent / "recipes" / "train_clm.py")
 DEFAULT_OPTIMS = "adamw,adamw_8bit,lion_8bit,lamb"
 
 
@@ -280,7 +281,8 @@ def write_plots(results: Sequence[RunResult], out: Path) -> list[str]:
 
 def cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--optims", default=DEFAULT_OPTIMS, help=f"comma-separated names (default {DEFAULT_OPTIMS})")
-    parser.add_argument("--recipe", default=DEFAULT_RECIPE, help=f"training script (default {DEFAULT_RECIPE})")
+    parser.add_argument("--recipe", default=DEFAULT_RECIPE,
+                        help="training script (default: hf_optim's own recipes/train_clm.py)")
     parser.add_argument("--max_steps", type=int, default=50, help="optimizer steps per run (default 50)")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--out", default="compare_out", help="output directory (default compare_out)")

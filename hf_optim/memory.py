@@ -28,7 +28,7 @@ import torch
 
 from . import registry
 from .sizes import parse_size
-from .state import planned_bytes
+from .state import MIN_8BIT_SIZE, planned_bytes
 
 _DTYPES = {
     "fp32": torch.float32, "float32": torch.float32,
@@ -49,6 +49,7 @@ class MemoryRow:
     gradients: int
     state: int
     n_params: int
+    kahan: int = 0  # bytes of ``state`` that are Kahan buffers of bf16/fp16 parameters (``kahan_sum=False`` drops them)
 
     @property
     def total(self) -> int:
@@ -155,24 +156,34 @@ def optimizer_memory(
     hyperparameters: dict[str, Any] | None = None,
 ) -> MemoryRow:
     """The exact memory row for one hf_optim optimizer name."""
-    spec = registry.get_spec(optim)
+    spec = registry.resolve(optim) if isinstance(optim, str) else None
+    if spec is None:
+        same = " (torch's AdamW keeps the same fp32 state as 'adamw')" if optim.startswith("adamw_torch") else ""
+        raise ValueError(
+            f"optim={optim!r} is a transformers optimizer; the memory model covers hf_optim names "
+            f"(`hf-optim list`){same}"
+        )
     if isinstance(model_or_n_params, torch.nn.Module):
         named = _named_params(model_or_n_params)
         dtype_of = (lambda p: _dtype(param_dtype)) if param_dtype is not None else (lambda p: p.dtype)
         weights = sum(p.numel() * dtype_of(p).itemsize for _, p in named)
         trainable = [(n, p) for n, p in named if p.requires_grad]
         gradients = sum(p.numel() * dtype_of(p).itemsize for _, p in trainable)
-        state = sum(
-            param_state_bytes(spec, n, p.numel(), dtype_of(p), hyperparameters=hyperparameters)
-            for n, p in trainable
-        )
+        def total_state(hp: dict[str, Any] | None) -> int:
+            return sum(param_state_bytes(spec, n, p.numel(), dtype_of(p), hyperparameters=hp) for n, p in trainable)
+
         n_params = sum(p.numel() for _, p in named)
     else:
         n_params = parse_count(model_or_n_params)
         dtype = _dtype(param_dtype or "fp32")
         weights = gradients = n_params * dtype.itemsize
-        state = param_state_bytes(spec, None, n_params, dtype, hyperparameters=hyperparameters, step_counter=False)
+
+        def total_state(hp: dict[str, Any] | None) -> int:
+            return param_state_bytes(spec, None, n_params, dtype, hyperparameters=hp, step_counter=False)
+
+    state = total_state(hyperparameters)
     group = {**spec.defaults, **(hyperparameters or {})}
+    kahan = state - total_state({**(hyperparameters or {}), "kahan_sum": False}) if "kahan_sum" in group else 0
     return MemoryRow(
         optim=spec.name,
         state_precision=str(group["state_precision"]),
@@ -181,6 +192,7 @@ def optimizer_memory(
         gradients=gradients,
         state=state,
         n_params=n_params,
+        kahan=kahan,
     )
 
 
@@ -225,6 +237,7 @@ def rows_for_print(rows: Sequence[MemoryRow]) -> list[dict[str, str]]:
             "gradients": format_bytes(r.gradients),
             "optimizer state": format_bytes(r.state),
             "bytes/param": f"{r.state_bytes_per_param:.3f}",
+            "without Kahan": f"{(r.state - r.kahan) / max(r.n_params, 1):.3f}" if r.kahan else "",
             "total": format_bytes(r.total),
         }
         for r in rows
@@ -232,6 +245,13 @@ def rows_for_print(rows: Sequence[MemoryRow]) -> list[dict[str, str]]:
 
 
 PRINT_COLUMNS = ["optim", "state", "placement", "weights", "gradients", "optimizer state", "bytes/param", "total"]
+KAHAN_COLUMN = "without Kahan"
+
+KAHAN_NOTE = (
+    "bf16/fp16 parameters: bytes/param includes hf_optim's Kahan buffer (2 B/param, kahan_sum=True by default), "
+    "which keeps the small updates bf16 rounding would lose. `without Kahan` is the cheaper choice, "
+    "optim_args='kahan_sum=False' (then keep fp32 master weights, or expect lost updates)."
+)
 
 
 # --- command line ----------------------------------------------------------------------------
@@ -272,9 +292,12 @@ def cli_run(args: argparse.Namespace) -> int:
         return 0
     n = rows[0].n_params if rows else 0
     print(f"{n:,} parameters; exact bytes, shown in decimal units (1 GB = 1e9 B); activations not included")
-    print_table(rows_for_print(rows), PRINT_COLUMNS)
+    columns = PRINT_COLUMNS if not any(r.kahan for r in rows) else [*PRINT_COLUMNS[:-1], KAHAN_COLUMN, "total"]
+    print_table(rows_for_print(rows), columns)
+    if any(r.kahan for r in rows):
+        print("\n" + KAHAN_NOTE)
     print("\npaged_*: the state moves to host memory (or a file) when the device is full: off the device budget.")
     if not args.model:
         print("8-bit: 1 byte per element + one fp32 scale per 256-element block; with a model (--model), "
-              "embeddings, lm_head, norms and tensors < 4096 elements keep fp32 state.")
+              f"embeddings, lm_head, norms and tensors < {MIN_8BIT_SIZE} elements keep fp32 state.")
     return 0

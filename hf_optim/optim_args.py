@@ -75,25 +75,29 @@ def _literal(value: str) -> Any:
 
 
 def coerce_optim_args(
-    values: Mapping[str, Any], defaults: Mapping[str, Any], owner: str
+    values: Mapping[str, Any], defaults: Mapping[str, Any], owner: str, source: str = "optim_args"
 ) -> dict[str, Any]:
-    """Check ``values`` against ``defaults`` (the signature) and coerce each type."""
+    """Check ``values`` against ``defaults`` (the signature) and coerce each type.
+
+    ``source`` names where the values came from in error messages (``optim_args``,
+    or ``create_optimizer`` for keyword arguments).
+    """
     out = {}
     for key, value in values.items():
         if key not in defaults:
             hint = difflib.get_close_matches(key, list(defaults), n=1)
             raise ValueError(
-                f"optim_args: unknown key {key!r} for {owner}"
+                f"{source}: unknown key {key!r} for {owner}"
                 + (f" (did you mean {hint[0]!r}?)" if hint else "")
                 + f"; valid keys: {', '.join(sorted(defaults))}"
             )
-        out[key] = _coerce(key, value, defaults[key], owner)
+        out[key] = _coerce(key, value, defaults[key], owner, source)
     return out
 
 
-def _coerce(key: str, value: Any, default: Any, owner: str) -> Any:
+def _coerce(key: str, value: Any, default: Any, owner: str, source: str = "optim_args") -> Any:
     def fail(expected: str) -> ValueError:
-        return ValueError(f"optim_args: {key}={value!r} for {owner} is not {expected}")
+        return ValueError(f"{source}: {key}={value!r} for {owner} is not {expected}")
 
     if isinstance(default, bool):
         flag = as_bool(value)
@@ -105,7 +109,7 @@ def _coerce(key: str, value: Any, default: Any, owner: str) -> Any:
             value = _literal(value)
         if not isinstance(value, list | tuple) or len(value) != len(default):
             raise fail(f"a tuple of {len(default)} numbers")
-        return tuple(_coerce(key, v, d, owner) for v, d in zip(value, default, strict=True))
+        return tuple(_coerce(key, v, d, owner, source) for v, d in zip(value, default, strict=True))
     if isinstance(default, int):
         integer = as_int(value)
         if integer is None:

@@ -227,16 +227,21 @@ def recommend(
 
 def _memory_choice(size, budget, param_dtype, adamw_lr, wd, reasons):
     """The memory branch: 8-bit AdamW, then Lion, then paged states, smallest change first."""
-    candidates = [("adamw_8bit", "8-bit AdamW keeps ~1/4 of the state bytes at ~the same accuracy")]
+    candidates = [("adamw_8bit", "8-bit AdamW: two 8-bit moment buffers instead of two fp32 ones")]
     candidates.append(("lion_8bit", "8-bit Lion: one 8-bit buffer instead of two"))
     candidates.append(("paged_adamw_8bit", "paged 8-bit AdamW: states move off the device when it is full"))
+    adamw = memory.optimizer_memory("adamw", size, param_dtype=param_dtype)
     # (fp32 Lion, 4 bytes/param, never fits where 8-bit AdamW, ~2 bytes/param, does not)
     for name, why in candidates:
         if not _registered(name):
             continue
         fits, need = _fits(name, size, budget, param_dtype)
         if fits:
-            reasons.append(f"{why}; needs {memory.format_bytes(need)} on the device")
+            row = memory.optimizer_memory(name, size, param_dtype=param_dtype)
+            reasons.append(f"{why} ({row.state_bytes_per_param:.2f} B/param of state vs AdamW's "
+                           f"{adamw.state_bytes_per_param:.2f}); needs {memory.format_bytes(need)} on the device")
+            if row.kahan:
+                reasons.append(_kahan_reason(row))
             return name, _hyperparameters_for(name, adamw_lr, wd, reasons)
     reasons.append(
         "even weights and gradients alone exceed the device: train in bf16, shard (FSDP) or use adapters (LoRA); "
@@ -246,6 +251,16 @@ def _memory_choice(size, budget, param_dtype, adamw_lr, wd, reasons):
         if _registered(name):
             return name, _hyperparameters_for(name, adamw_lr, wd, reasons)
     return "adamw", {"lr": adamw_lr, "weight_decay": wd}
+
+
+def _kahan_reason(row: memory.MemoryRow) -> str:
+    per_param = row.kahan / max(row.n_params, 1)
+    return (
+        f"{per_param:.0f} B/param of that state is the Kahan buffer of the bf16/fp16 parameters (kahan_sum=True, "
+        f"the default: it keeps the small updates bf16 rounding loses); optim_args='kahan_sum=False' is the cheaper "
+        f"choice, {(row.state - row.kahan) / max(row.n_params, 1):.2f} B/param ({memory.format_bytes(row.kahan)} "
+        "less), with fp32 master weights or some lost updates"
+    )
 
 
 def _hyperparameters_for(name: str, adamw_lr: float, wd: float, reasons: list[str]) -> dict[str, Any]:

@@ -110,8 +110,8 @@ class OptimizerSpec:
             kwargs["placement"] = self.placement
         return kwargs
 
-    def check_kwargs(self, kwargs: Mapping[str, Any]) -> dict[str, Any]:
-        """Type-check user hyperparameters against this optimizer's signature."""
+    def check_kwargs(self, kwargs: Mapping[str, Any], source: str = "optim_args") -> dict[str, Any]:
+        """Type-check user hyperparameters against this optimizer's signature (``source`` names them in errors)."""
         fixed = self.fixed_kwargs()
         clash = sorted(k for k in kwargs if k in fixed and kwargs[k] != fixed[k])
         if clash:
@@ -119,7 +119,7 @@ class OptimizerSpec:
                 f"{self.name!r} fixes {', '.join(f'{k}={fixed[k]!r}' for k in clash)}; "
                 "pick another optimizer name instead of overriding it"
             )
-        out = coerce_optim_args(kwargs, self.defaults, f"optimizer {self.name!r}")
+        out = coerce_optim_args(kwargs, self.defaults, f"optimizer {self.name!r}", source)
         if self.is_hf_optim:  # paged_* options: checked now, and only with the paged placement
             from .state.placement import build_placement
 
@@ -127,8 +127,11 @@ class OptimizerSpec:
             build_placement(out.get("placement", fixed.get("placement", "device")), **paged)
         return out
 
-    def build(self, params: Iterable[Any], **hyperparameters: Any) -> torch.optim.Optimizer:
-        return self.load_class()(params, **{**self.fixed_kwargs(), **self.check_kwargs(hyperparameters)})
+    def build(
+        self, params: Iterable[Any], source: str = "optim_args", **hyperparameters: Any
+    ) -> torch.optim.Optimizer:
+        checked = self.check_kwargs(hyperparameters, source)
+        return self.load_class()(params, **{**self.fixed_kwargs(), **checked})
 
 
 def _plugins() -> dict[str, Any]:
@@ -202,6 +205,9 @@ def get_spec(name: str) -> OptimizerSpec:
 
 
 def transformers_names() -> list[str]:
+    from .integrations import quiet_imports
+
+    quiet_imports.install()
     from transformers.training_args import OptimizerNames
 
     return [member.value for member in OptimizerNames]
@@ -243,6 +249,26 @@ def unknown_name_message(name: str, what: str, valid: list[str]) -> str:
 
 # --- building from a model ------------------------------------------------------------
 
+#: ``min_8bit_size`` when the model trains adapters (a PEFT model): one 256-element block. LoRA's
+#: matrices are r x hidden (8 x 64 = 512 elements), all under the general 4096, where "8-bit" would
+#: keep every adapter's state in fp32 and save nothing
+ADAPTER_MIN_8BIT_SIZE = 256
+
+
+def is_adapter_model(model: Any) -> bool:
+    """A PEFT model (LoRA, ...), also inside DDP's ``module``."""
+    model = getattr(model, "module", model)
+    return hasattr(model, "peft_config") and callable(getattr(model, "get_base_model", None))
+
+
+def adapter_defaults(spec: OptimizerSpec, model: Any, given: Mapping[str, Any]) -> dict[str, Any]:
+    """Options that serve adapter training better than the general defaults (the user's own always win)."""
+    if spec.state_precision == "8bit" and "min_8bit_size" not in given and spec.is_hf_optim:
+        if is_adapter_model(model):
+            return {"min_8bit_size": ADAPTER_MIN_8BIT_SIZE}
+    return {}
+
+
 
 def decay_groups(
     model: torch.nn.Module, weight_decay: float, decay_names: Iterable[str] | None = None
@@ -253,6 +279,9 @@ def decay_groups(
     ``get_decay_parameter_names(model)``); default transformers' rule.
     """
     if decay_names is None:
+        from .integrations import quiet_imports
+
+        quiet_imports.install()
         from transformers import Trainer
 
         decay_names = Trainer.get_decay_parameter_names(None, model)  # uses no Trainer state
@@ -279,14 +308,18 @@ def create_optimizer(
         return _create_transformers_optimizer(name, model_or_params, hyperparameters)
     params: Any = model_or_params
     if isinstance(model_or_params, torch.nn.Module):
+        hyperparameters = {**adapter_defaults(spec, model_or_params, hyperparameters), **hyperparameters}
         weight_decay = hyperparameters.pop("weight_decay", spec.defaults.get("weight_decay", 0.0))
         params = decay_groups(model_or_params, weight_decay)
-    return spec.build(params, **hyperparameters)
+    return spec.build(params, source="create_optimizer", **hyperparameters)
 
 
 def _create_transformers_optimizer(name: str, model_or_params: Any, hyperparameters: dict[str, Any]):
     """transformers' class and defaults for ``name``; ``hyperparameters`` override them as given,
     so the optimizer itself rejects a key it does not take."""
+    from .integrations import quiet_imports
+
+    quiet_imports.install()
     from transformers import Trainer, TrainingArguments
 
     lr = hyperparameters.pop("lr", 1e-3)

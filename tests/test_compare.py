@@ -12,7 +12,6 @@ from hf_optim import cli, compare
 
 HERE = Path(__file__).resolve().parent
 TINY = HERE / "compare_recipe.py"
-CLM = HERE.parent / "recipes" / "train_clm.py"
 
 
 def _image_size(path: Path) -> tuple[int, int]:
@@ -79,11 +78,15 @@ def test_bad_arguments_fail_before_any_run(tmp_path, kwargs, error, match):
     assert not (tmp_path / "runs").exists()
 
 
-@pytest.mark.skipif(not CLM.exists(), reason="recipes/train_clm.py not present")
-def test_compare_drives_the_clm_recipe(tmp_path):
-    results = compare.compare(["adamw_8bit"], recipe=CLM, max_steps=3, out=tmp_path, progress=False,
-                              extra_args=["--eval_steps", "3", "--warmup_steps", "1", "--save_strategy", "no",
-                                          "--hidden_size", "32", "--num_hidden_layers", "1", "--vocab_size", "512"])
-    (r,) = results
-    assert r.returncode == 0, r.log_path.read_text()[-2000:]
-    assert math.isfinite(r.final_loss) and math.isfinite(r.eval_loss) and r.state_bytes > 0
+def test_compare_runs_its_own_recipe_from_any_directory(tmp_path, monkeypatch, capsys):
+    # the default recipe ships inside the package: no repository checkout in the working directory
+    monkeypatch.chdir(tmp_path)
+    code = cli.main([
+        "compare", "--optims", "adamw_8bit", "--max_steps", "3", "--out", "cmp", "--json",
+        "--", "--eval_steps", "3", "--warmup_steps", "1", "--save_strategy", "no",
+        "--hidden_size", "32", "--num_hidden_layers", "1", "--vocab_size", "512",
+    ])
+    (r,) = json.loads(capsys.readouterr().out)
+    assert code == 0, (tmp_path / "cmp" / "runs" / "adamw_8bit.log").read_text()[-2000:]
+    assert Path(compare.DEFAULT_RECIPE).is_relative_to(Path(compare.__file__).parent)
+    assert math.isfinite(r["final_loss"]) and math.isfinite(r["eval_loss"]) and r["state_bytes"] > 0

@@ -83,6 +83,35 @@ def test_ddp_two_ranks_train_identically(ddp_results, name):
         assert not torch.equal(value, run0["initial"][key]), f"{name}: {key} never changed"
 
 
+def test_readme_ddp_recipe_command_keeps_ranks_identical_after_a_baseline_evaluate(tmp_path):
+    """The README's DDP command, verbatim but for a tiny model and few steps.
+
+    The recipe evaluates before training (a baseline); without hf_optim's fix
+    transformers then never wraps the model in DDP and each rank trains alone,
+    exit code 0. hf_optim.Trainer hashes every rank's final parameters: rank 0 logs
+    the hashes (compared here, bit for bit) and any mismatch fails the run.
+    """
+    readme = (ROOT / "README.md").read_text()
+    command = next(line for line in readme.splitlines() if line.startswith("accelerate launch") and "ddp.yaml" in line)
+    argv = command.split()
+    assert argv[:5] == ["accelerate", "launch", "--config_file", "recipes/accelerate/ddp.yaml", "recipes/train_clm.py"]
+    argv[argv.index("--output_dir") + 1] = str(tmp_path / "ddp")
+    port = str(_free_port())
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", *argv[2:4], "--main_process_port", port]
+    tiny = ["--max_steps", "3", "--warmup_steps", "1", "--eval_steps", "3", "--hidden_size", "32",
+            "--num_hidden_layers", "1", "--vocab_size", "512", "--max_eval_blocks", "8", "--save_strategy", "no",
+            "--log_level", "info"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([*launcher, *argv[4:], *tiny], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=TIMEOUT)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-6000:]
+    line = next((x for x in output.splitlines() if "ranks ended with identical parameters" in x), None)
+    assert line is not None, output[-6000:]
+    digests = line.split("sha256 per rank: ")[1].rstrip(")").split()
+    assert len(digests) == 2 and digests[0] == digests[1], line
+
+
 # --- FSDP2: fully_shard under torchrun, against one process --------------------------------
 
 

@@ -6,26 +6,19 @@ command line and ``hf-optim compare`` pass), with small step counts.
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
 import hf_optim
 
-ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
 
 
 def _load(name: str):
-    sys.path.insert(0, str(ROOT / "recipes"))
-    spec = importlib.util.spec_from_file_location(f"recipe_{name}", ROOT / "recipes" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module(f"hf_optim.recipes.{name}")
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 import math
 import statistics
-import warnings
 from collections import deque
 from collections.abc import Mapping
 from typing import Any
@@ -32,7 +31,8 @@ from transformers import TrainerCallback
 from .. import memory
 from ..engine import Optimizer, unwrap
 from ..rules.lion import LION_MAX_LR, adamw_sized_advice
-from ..state import planned_bytes
+from ..state import keeps_kahan, planned_bytes
+from ..user_warnings import warn_user
 
 logger = logging.getLogger("hf_optim")
 
@@ -103,6 +103,13 @@ def optimizer_report(optimizer: Any, lr_scheduler: Any = None) -> dict[str, Any]
     measured = memory.state_bytes(opt)
     report["state_bytes"] = measured
     report["state_bytes_predicted"] = predicted if hf_opt else None
+    trainable = [p for g in opt.param_groups for p in g["params"] if p.requires_grad]
+    report["n_trainable"] = sum(p.numel() for p in trainable)
+    # Kahan buffers of bf16/fp16 parameters: part of the bytes above, and the part kahan_sum=False saves
+    report["kahan_bytes"] = sum(
+        p.numel() * p.dtype.itemsize for g in opt.param_groups for p in g["params"]
+        if p.requires_grad and hf_opt and keeps_kahan(g, p.dtype)
+    )
     return report
 
 
@@ -119,13 +126,24 @@ def format_report(report: Mapping[str, Any]) -> str:
         shape = str(row["shape"])
         lines.append(f"    {row['name']:60s} {row['dtype']:9s} {shape:22s} {row['state']:16s} {row['placement']}")
     if report.get("state_bytes_predicted") is not None:
-        lines.append(f"  state bytes once every parameter has stepped: {report['state_bytes_predicted']:,}")
+        predicted, n = report["state_bytes_predicted"], max(report.get("n_trainable") or 0, 1)
+        line = f"  state bytes once every parameter has stepped: {predicted:,} ({predicted / n:.2f} B/param"
+        if report.get("kahan_bytes"):
+            line += (f", of which {report['kahan_bytes']:,} Kahan buffers of bf16/fp16 parameters: "
+                     f"optim_args='kahan_sum=False' makes it {(predicted - report['kahan_bytes']) / n:.2f} B/param")
+        lines.append(line + ")")
     lines.append(f"  state bytes now: {report['state_bytes']:,}")
     return "\n".join(lines)
 
 
 class OptimizerReportCallback(TrainerCallback):
-    """Logs the effective optimizer at train start; adds state bytes and paging stats to every log."""
+    """Logs the effective optimizer at train start; adds state bytes (and paging stats, for paged
+    optimizers) to every log.
+
+    The report follows the Trainer's logging: it is an INFO line of the ``hf_optim``
+    logger at the level ``TrainingArguments.log_level`` sets on the main process
+    (``log_level_replica`` elsewhere), so ``log_level="info"`` shows it, on rank 0 only.
+    """
 
     def __init__(self) -> None:
         self.report: dict[str, Any] | None = None
@@ -133,8 +151,11 @@ class OptimizerReportCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
         if optimizer is None:
             return
+        follow_trainer_logging(args)
         self.report = optimizer_report(optimizer, lr_scheduler)
-        logger.info("%s", format_report(self.report))
+        if state.is_world_process_zero:
+            logger.info("%s", format_report(self.report))
+        warn_unquantized(self.report, optimizer)
 
     def on_log(self, args, state, control, logs=None, optimizer=None, **kwargs):
         if logs is None or optimizer is None:
@@ -142,11 +163,52 @@ class OptimizerReportCallback(TrainerCallback):
         opt = unwrap(optimizer)
         extra: dict[str, float] = {"optim/state_bytes": memory.state_bytes(opt)}
         stats = getattr(opt, "paging_stats", None)
-        if callable(stats):
+        if getattr(opt, "placement", None) == "paged" and callable(stats):
             for key, value in stats().items():
                 if isinstance(value, int | float) and not isinstance(value, bool):
                     extra[f"optim/paging/{key}"] = value
         _add_to_logs(state, logs, extra)
+
+
+def follow_trainer_logging(args: Any) -> None:
+    """Give the ``hf_optim`` logger the Trainer's level for this process, and a handler if nothing else prints it."""
+    get_level = getattr(args, "get_process_log_level", None)
+    if callable(get_level):
+        logger.setLevel(get_level())
+    if not logger.handlers and not logging.getLogger().handlers:  # else the user's logging config prints it
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("[%(levelname)s|%(name)s] %(message)s"))
+        logger.addHandler(handler)
+
+
+#: an 8-bit optimizer that quantizes less than this share of the trainable elements saves (almost) nothing
+MIN_QUANTIZED_SHARE = 0.5
+
+
+def unquantized_advice(report: Mapping[str, Any], optimizer: Any) -> str | None:
+    """What to change when an ``_8bit`` optimizer keeps (almost) all state in fp32, else None."""
+    opt = unwrap(optimizer)
+    if not isinstance(opt, Optimizer) or not any(g.get("state_precision") == "8bit" for g in opt.param_groups):
+        return None
+    sizes = [(math.prod(row["shape"]), "8bit" in str(row["state"])) for row in report["params"]]
+    total = sum(numel for numel, _ in sizes)
+    quantized = sum(numel for numel, eight_bit in sizes if eight_bit)
+    if not total or quantized / total >= MIN_QUANTIZED_SHARE:
+        return None
+    smallest = min(g.get("min_8bit_size", 0) for g in opt.param_groups)
+    return (
+        f"8-bit optimizer state covers only {quantized / total:.0%} of the {total:,} trainable elements: tensors "
+        f"under min_8bit_size={smallest} elements and names matching fp32_patterns (embeddings, lm_head, norms) "
+        "keep fp32 state, so this uses about the fp32 optimizer's memory. For small tensors pass "
+        "optim_args='min_8bit_size=0' (or a smaller size; PEFT adapter models get 256 by default); else the fp32 "
+        "name does the same with less work."
+    )
+
+
+def warn_unquantized(report: Mapping[str, Any], optimizer: Any) -> None:
+    advice = unquantized_advice(report, optimizer)
+    if advice:
+        warn_user(advice, OptimizerWarning, cause=advice)
 
 
 def _add_to_logs(state: Any, logs: dict[str, Any], extra: Mapping[str, Any]) -> None:
@@ -208,7 +270,11 @@ def global_batch_size(args: Any) -> int:
 
 
 class GuardRailCallback(TrainerCallback):
-    """Warns at train start about hyperparameters that fit another optimizer (see ``check_config``)."""
+    """Warns at train start about hyperparameters that fit another optimizer (see ``check_config``).
+
+    One ``OptimizerWarning`` per cause, on the main process only; hf_optim's Lion
+    already warns about an AdamW-sized lr when it is built, so that one is not repeated.
+    """
 
     def __init__(self) -> None:
         self.problems: list[str] = []
@@ -218,11 +284,13 @@ class GuardRailCallback(TrainerCallback):
             return
         found = _checks(optimizer, global_batch_size(args))
         self.problems = [message for _, message in found]
-        rule_warned = isinstance(unwrap(optimizer), Optimizer)  # hf_optim's Lion warns when built
+        rule_warned = isinstance(unwrap(optimizer), Optimizer)
+        given: set[str] = set()
         for kind, message in found:
-            logger.warning("hf_optim: %s", message)
-            if not (kind == "lion_lr" and rule_warned):
-                warnings.warn(message, OptimizerWarning, stacklevel=2)
+            if kind in given or (kind == "lion_lr" and rule_warned):
+                continue  # several groups with one mistake: the first says it
+            given.add(kind)
+            warn_user(message, OptimizerWarning, cause=message)
 
 
 # --- loss spikes ----------------------------------------------------------------------------
@@ -334,7 +402,7 @@ class LossSpikeCallback(TrainerCallback):
         self.events.append(event)
         logger.warning("hf_optim: %s; %s", where, detail)
         if self.action == "warn" or event["action"] == "warn":
-            warnings.warn(f"{where}; {detail}", OptimizerWarning, stacklevel=2)
+            warn_user(f"{where}; {detail}", OptimizerWarning)
 
     def _reduce_beta2(self, optimizer: Any) -> list[int]:
         changed = []

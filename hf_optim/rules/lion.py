@@ -34,9 +34,13 @@ LION_MIN_WEIGHT_DECAY = 0.03
 
 def adamw_sized_advice(lr: float, wd: float) -> str:
     """What to change when Lion gets AdamW's settings (the paper: lr 3-10x smaller, weight decay 3-10x larger)."""
+    decay = (
+        f"and a 3-10x larger weight_decay ({wd * 3:.2g}..{wd * 10:.2g})" if wd > 0
+        else "(weight_decay is 0, so there is no decay to scale)"
+    )
     return (
         f"Lion's sign update moves every weight by the full lr each step: use a 3-10x smaller lr "
-        f"({lr / 10:.2g}..{lr / 3:.2g}) and a 3-10x larger weight_decay ({wd * 3:.2g}..{wd * 10:.2g}); "
+        f"({lr / 10:.2g}..{lr / 3:.2g}) {decay}; "
         "hf_optim.translate_hparams(from_='adamw', to='lion', ...) converts both."
     )
 
@@ -56,11 +60,13 @@ class Lion(UpdateRule):
         super().validate(group)
         lr, wd = _as_float(group["lr"]), _as_float(group["weight_decay"])
         if lr >= LION_MAX_LR:
-            warn_user(f"Lion got lr={lr:g}, an AdamW-sized learning rate. {adamw_sized_advice(lr, wd)}")
+            message = f"Lion got lr={lr:g}, an AdamW-sized learning rate. {adamw_sized_advice(lr, wd)}"
+            warn_user(message, cause=message)  # once per value, however many groups or validations
         if 0.0 < wd < LION_MIN_WEIGHT_DECAY:
             warn_user(
                 f"Lion got weight_decay={wd:g}, an AdamW-sized value: with Lion's smaller lr the decay "
-                f"lr*wd would be 3-10x weaker; use 3-10x more ({wd * 3:.2g}-{wd * 10:.2g})."
+                f"lr*wd would be 3-10x weaker; use 3-10x more ({wd * 3:.2g}-{wd * 10:.2g}).",
+                cause=f"lion weight_decay={wd:g}",
             )
 
     @staticmethod
