@@ -45,7 +45,6 @@ unused. ``paged_budget=0`` pages everything.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import resource
 import tempfile
@@ -59,80 +58,16 @@ import torch
 from torch import Tensor
 
 from ..execution import flat_state, working_state
-from ..sizes import parse_size
 from ..user_warnings import warn_user
 from .arena import MADV_DONTNEED, MADV_POPULATE_WRITE, MADV_WILLNEED, Region, SpillArena, malloc_trim
+from .budget import AUTO_FRACTION, free_bytes, fs_type, parse_budget  # noqa: F401 (AUTO_FRACTION: API)
 
-#: fraction of free memory the automatic budget lets states keep beside their parameters
-AUTO_FRACTION = 0.5
 #: pending device->host write-backs before the host waits (bounds device memory in use)
 MAX_IN_FLIGHT = 3
 #: CPU: paged state stepped by one call (then its pages leave the process): per-call costs (threads
 #: waking up, ~ms on a busy machine) are paid per batch, and resident memory stays bounded by it
 CPU_BATCH_BYTES = 16 * 2**20
 _ALIGN = 64
-_ALLOWED = (
-    "bytes (a number > 1 or a size such as '2GiB'), a fraction of free memory in (0, 1] "
-    "(0.25 or '25%'), 0 (page everything) or 'auto'"
-)
-
-
-def parse_budget(value: Any) -> tuple[str, float]:
-    """``("fraction", f)`` or ``("bytes", n)`` for a ``paged_budget`` value; ValueError if invalid."""
-
-    def fail() -> ValueError:
-        return ValueError(f"Invalid paged_budget: {value!r} (allowed: {_ALLOWED})")
-
-    if value is None or (isinstance(value, str) and value.strip().lower() == "auto"):
-        return "fraction", AUTO_FRACTION
-    if isinstance(value, str):
-        text = value.strip()
-        if text.endswith("%"):
-            try:
-                percent = float(text[:-1])
-            except ValueError:
-                raise fail() from None
-            if not 0 < percent <= 100:
-                raise fail()
-            return "fraction", percent / 100
-        size = parse_size(text)
-        if size is None:
-            raise fail()
-        return "bytes", float(size)
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
-        raise fail()
-    if isinstance(value, float) and 0 < value <= 1:
-        return "fraction", float(value)
-    return "bytes", float(int(value))
-
-
-def free_bytes(device: torch.device) -> int:
-    """Memory free for new tensors on ``device`` (see the module docstring)."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
-def _fs_type(path: str) -> str:
-    """Filesystem type of ``path`` from /proc/mounts ("" when unknown)."""
-    best, kind = "", ""
-    try:
-        with open("/proc/mounts") as f:
-            for line in f:
-                parts = line.split()
-                if len(parts) > 2 and path.startswith(parts[1]) and len(parts[1]) > len(best):
-                    best, kind = parts[1], parts[2]
-    except OSError:
-        pass
-    return kind
 
 
 @dataclass
@@ -322,10 +257,10 @@ class PagedPlacement:
 
     def _map(self, state: dict[str, Tensor], keys: Sequence[str], fresh: bool) -> tuple[Region, dict[str, Tensor]]:
         """One range of the spill file for ``state[keys]``: zeros (``fresh``) or a copy of the tensors."""
-        if not self._warned_tmpfs and _fs_type(os.path.realpath(self.paged_dir)) in ("tmpfs", "ramfs"):
+        if not self._warned_tmpfs and fs_type(os.path.realpath(self.paged_dir)) in ("tmpfs", "ramfs"):
             self._warned_tmpfs = True
             warn_user(
-                f"hf_optim: paged_dir {self.paged_dir!r} is in memory ({_fs_type(self.paged_dir)}): "
+                f"hf_optim: paged_dir {self.paged_dir!r} is in memory ({fs_type(self.paged_dir)}): "
                 "paged states will still use RAM; pass paged_dir= (or set TMPDIR to) a disk directory.",
                 RuntimeWarning,
             )
