@@ -473,7 +473,9 @@ def _copy_checked(name: str, key: str, saved: Any, target: Tensor) -> None:
     integer codes must have exactly the target's dtype."""
     if not isinstance(saved, Tensor):
         raise ValueError(f"loaded state for {name}: {key!r} is a {type(saved).__name__}, expected a tensor")
-    if tuple(saved.shape) != tuple(target.shape):
+    # the same shape, or the same elements flattened (state saved 1-D, e.g. by a paged or sharded run)
+    flat = saved.numel() == target.numel() and 1 in (saved.dim(), target.dim())
+    if tuple(saved.shape) != tuple(target.shape) and not flat:
         raise ValueError(
             f"loaded state for {name}: {key!r} has shape {tuple(saved.shape)}, expected {tuple(target.shape)}"
         )
@@ -482,7 +484,7 @@ def _copy_checked(name: str, key: str, saved: Any, target: Tensor) -> None:
         raise ValueError(f"loaded state for {name}: {key!r} is {saved.dtype}, expected {target.dtype}")
     if saved.layout != torch.strided:
         raise ValueError(f"loaded state for {name}: {key!r} is a {saved.layout} tensor, expected a dense one")
-    target.copy_(saved.detach())
+    target.copy_(saved.detach().reshape(target.shape))
 
 
 def constructor_options() -> dict[str, Any]:
@@ -549,10 +551,12 @@ def _norm_for(p: Tensor) -> Any:
 
 
 def _as_tensors(scalars: Mapping[str, Any], device: torch.device) -> dict[str, Tensor]:
-    """The hyperparameters as float64 0-d tensors: the scalar math runs in float64 and is rounded once."""
+    """The hyperparameters as float64 0-d tensors: the scalar math runs in float64 and is rounded once
+    (fp32 on Apple's MPS, which has no float64)."""
+    dtype = torch.float32 if device.type == "mps" else torch.float64
     return {
-        key: (value.to(device=device, dtype=torch.float64) if isinstance(value, Tensor) else
-              torch.tensor(value, dtype=torch.float64, device=device))
+        key: (value.to(device=device, dtype=dtype) if isinstance(value, Tensor) else
+              torch.tensor(value, dtype=dtype, device=device))
         for key, value in scalars.items()
     }
 

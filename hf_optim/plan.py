@@ -194,22 +194,25 @@ class NativeBackend:
                 config.rule.name,
                 storage,
                 native.flag_bits(config.rule, flags, config.kahan),
+                checked=True,  # every item passed accepts() in this run
             )
             torch.autograd.graph.increment_version(params)
 
 
-_NATIVE_LAYOUTS: dict[StepConfig, tuple[list[int] | None, list[str]]] = {}
+#: id(config) -> (config, storage codes, state keys): by id, as a StepConfig hashes its nested tuples on every
+#: lookup (accepts runs per parameter per step); the config is kept so its id stays its own
+_NATIVE_LAYOUTS: dict[int, tuple[StepConfig, list[int] | None, list[str]]] = {}
 
 
 def _native_layout(config: StepConfig) -> tuple[list[int] | None, list[str]]:
     """The kernel's storage codes and the state keys in kernel order (None: no native storage)."""
-    cached = _NATIVE_LAYOUTS.get(config)
-    if cached is None:
+    cached = _NATIVE_LAYOUTS.get(id(config))
+    if cached is None or cached[0] is not config:
         codes = [native.storage_code(buffer, codec) for buffer, codec in config.codecs]
         keys = [key for buffer, codec in config.codecs for key in codec.keys(buffer)]
         ok = config.rule.name in native.KERNELS and all(code is not None for code in codes)
-        cached = _NATIVE_LAYOUTS[config] = (codes if ok else None, keys)  # type: ignore[assignment]
-    return cached
+        cached = _NATIVE_LAYOUTS[id(config)] = (config, codes if ok else None, keys)  # type: ignore[assignment]
+    return cached[1], cached[2]
 
 
 def _chunked(config: StepConfig, items: list[StepItem]) -> list[StepItem]:
@@ -235,10 +238,7 @@ class Executor:
         if taken:
             backend.run(config, taken, hp)
         if rest:  # raw items (built for the kernel) take the working layout first
-            block = config.block
-            rest = [item if tuple(item.p.shape) == working_layout(item.p, block) else
-                    working_item(item.p, item.g, item.state, block) for item in rest]
-            self.eager.run(config, rest, hp)
+            self.eager.run(config, [_as_working(item, config.block) for item in rest], hp)
         for item in items:
             if item.writeback is not None:
                 item.writeback.copy_(item.p.view_as(item.writeback))
@@ -246,6 +246,18 @@ class Executor:
     @property
     def _compile_failed(self) -> bool:
         return self.backends["compiled"]._compile_failed  # type: ignore[attr-defined]
+
+
+def _as_working(item: StepItem, block: int | None) -> StepItem:
+    """A raw item (the kernel's: parameter-shaped, the state dict itself) in the eager step's working layout.
+    A state tensor the kernel refused for its strides is made contiguous in place in the state dict (the
+    same values): the working layout is views of it."""
+    if tuple(item.p.shape) == working_layout(item.p, block):
+        return item
+    for key, value in item.state.items():
+        if not value.is_contiguous():
+            item.state[key] = value.contiguous()
+    return working_item(item.p, item.g, item.state, block)
 
 
 def _split(backend: Backend, config: StepConfig, items: list[StepItem]) -> tuple[list[StepItem], list[StepItem]]:
