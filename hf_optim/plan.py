@@ -137,7 +137,7 @@ class CompiledBackend:
             if signature in self._traced:
                 bucket_fn(ps, gs, states, hp)
             else:  # the settings cost ~40 us to enter: only where a trace can happen
-                with compile_settings():
+                with compile_settings(emulate_casts=ps[0].dtype in (torch.bfloat16, torch.float16)):
                     bucket_fn(ps, gs, states, hp)
                 self._traced.add(signature)
         except torch._dynamo.exc.BackendCompilerFailed as err:
@@ -282,16 +282,17 @@ def _compile_buckets(step_fn: StepFn) -> Callable[..., None]:
 
 
 @contextlib.contextmanager
-def compile_settings() -> Iterator[None]:
+def compile_settings(emulate_casts: bool = False) -> Iterator[None]:
     # equal sizes must not become one symbol: the next bucket's sizes would break that
     # equality guard and recompile. And inductor would fuse a bucket's parameters
     # horizontally into one C++ kernel that it leaves single-threaded; one loop nest per
-    # parameter keeps every loop parallel. emulate_precision_casts: without it inductor
-    # keeps a bf16 rounding in fp32 registers, folding Kahan's ``p32 - p32.to(bf16).float()``
-    # to 0. (Patched around each call, not passed as torch.compile options: with the FX
-    # graph cache on, those options are dropped.)
+    # parameter keeps every loop parallel. emulate_casts (bf16/fp16 parameters): without
+    # emulate_precision_casts inductor keeps a bf16 rounding in fp32 registers, folding Kahan's
+    # ``p32 - p32.to(bf16).float()`` to 0; fp32 parameters round nothing they re-read, and keep
+    # the default. (Patched around each call, not passed as torch.compile options: with the FX
+    # graph cache on, those options are dropped; the settings are part of that cache's key.)
     with torch.fx.experimental._config.patch(use_duck_shape=False), torch._inductor.config.patch(
-        {"cpp.max_horizontal_fusion_size": 1, "cpp.min_chunk_size": 1, "emulate_precision_casts": True}
+        {"cpp.max_horizontal_fusion_size": 1, "cpp.min_chunk_size": 1, "emulate_precision_casts": emulate_casts}
     ):
         yield
 
