@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 import sys
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
@@ -42,6 +41,7 @@ from .state import (
     layout,
     validate_policy,
 )
+from .state.loading import copy_checked, loaded_step
 from .state.placement import PLACEMENTS, build_placement
 from .user_warnings import warn_user
 
@@ -446,7 +446,7 @@ class Optimizer(torch.optim.Optimizer):
         into freshly allocated storage (so dtype, strides and device are always this layout's)."""
         local = _local(p)
         state = self._new_state(p, name, group)
-        state["step"] = _loaded_step(name, saved.get("step"), local.device)
+        state["step"] = loaded_step(name, saved.get("step"), local.device)
         for buffer, codec in self._layout(p, name, group):
             saved_codec = codec if codec.holds(saved, buffer) else _find_codec(saved, buffer)
             if saved_codec is None:
@@ -456,51 +456,13 @@ class Optimizer(torch.optim.Optimizer):
                 )
             target = state if saved_codec is codec else saved_codec.allocate(buffer, local)
             for key in saved_codec.keys(buffer):
-                _copy_checked(name, key, saved[key], target[key])
+                copy_checked(name, key, saved[key], target[key])
             if saved_codec is not codec:
                 value = saved_codec.decode(flat_state(target), buffer, local.numel())
                 codec.encode(value.to(compute_dtype(local.dtype)).clone(), flat_state(state), buffer)
         if KAHAN_KEY in state and KAHAN_KEY in saved:
-            _copy_checked(name, KAHAN_KEY, saved[KAHAN_KEY], state[KAHAN_KEY])
+            copy_checked(name, KAHAN_KEY, saved[KAHAN_KEY], state[KAHAN_KEY])
         return state
-
-
-def _loaded_step(name: str, step: Any, device: torch.device) -> Tensor:
-    """A saved step count as this optimizer's 0-d fp32 counter; a missing or non-finite one is an error."""
-    if step is None:
-        raise ValueError(f"loaded state for {name} has no 'step'")
-    if isinstance(step, Tensor):
-        ok = step.numel() == 1 and not step.is_complex() and step.dtype != torch.bool
-        value = float(step.detach().reshape(()).cpu()) if ok else math.nan
-    elif isinstance(step, int | float) and not isinstance(step, bool):
-        value = float(step)
-    else:
-        value = math.nan
-    if not (math.isfinite(value) and value >= 0 and value.is_integer() and value <= 2.0**24):
-        shown = tuple(step.shape) if isinstance(step, Tensor) and step.numel() != 1 else step
-        raise ValueError(
-            f"loaded state for {name}: 'step' is {shown!r}; allowed: a whole number of steps from 0 to 2**24 "
-            "(a number or a one-element tensor)"
-        )
-    return torch.tensor(value, dtype=torch.float32, device=device)
-
-
-def _copy_checked(name: str, key: str, saved: Any, target: Tensor) -> None:
-    """Copy one saved state tensor into ``target`` (freshly allocated: this layout's dtype, strides,
-    device), or raise naming the parameter and the key. Floating values convert between float dtypes;
-    integer codes must have exactly the target's dtype."""
-    if not isinstance(saved, Tensor):
-        raise ValueError(f"loaded state for {name}: {key!r} is a {type(saved).__name__}, expected a tensor")
-    if tuple(saved.shape) != tuple(target.shape):
-        raise ValueError(
-            f"loaded state for {name}: {key!r} has shape {tuple(saved.shape)}, expected {tuple(target.shape)}"
-        )
-    convertible = saved.is_floating_point() and target.is_floating_point()
-    if saved.dtype != target.dtype and not convertible:
-        raise ValueError(f"loaded state for {name}: {key!r} is {saved.dtype}, expected {target.dtype}")
-    if saved.layout != torch.strided:
-        raise ValueError(f"loaded state for {name}: {key!r} is a {saved.layout} tensor, expected a dense one")
-    target.copy_(saved.detach())
 
 
 def constructor_options() -> dict[str, Any]:
@@ -567,10 +529,12 @@ def _norm_for(p: Tensor) -> Any:
 
 
 def _as_tensors(scalars: Mapping[str, Any], device: torch.device) -> dict[str, Tensor]:
-    """The hyperparameters as float64 0-d tensors: the scalar math runs in float64 and is rounded once."""
+    """The hyperparameters as float64 0-d tensors: the scalar math runs in float64 and is rounded once
+    (fp32 on Apple's MPS, which has no float64)."""
+    dtype = torch.float32 if device.type == "mps" else torch.float64
     return {
-        key: (value.to(device=device, dtype=torch.float64) if isinstance(value, Tensor) else
-              torch.tensor(value, dtype=torch.float64, device=device))
+        key: (value.to(device=device, dtype=dtype) if isinstance(value, Tensor) else
+              torch.tensor(value, dtype=dtype, device=device))
         for key, value in scalars.items()
     }
 

@@ -137,7 +137,7 @@ class CompiledBackend:
             if signature in self._traced:
                 bucket_fn(ps, gs, states, hp)
             else:  # the settings cost ~40 us to enter: only where a trace can happen
-                with compile_settings():
+                with compile_settings(emulate_casts=ps[0].dtype in (torch.bfloat16, torch.float16)):
                     bucket_fn(ps, gs, states, hp)
                 self._traced.add(signature)
         except torch._dynamo.exc.BackendCompilerFailed as err:
@@ -194,22 +194,25 @@ class NativeBackend:
                 config.rule.name,
                 storage,
                 native.flag_bits(config.rule, flags, config.kahan),
+                checked=True,  # every item passed accepts() in this run
             )
             torch.autograd.graph.increment_version(params)
 
 
-_NATIVE_LAYOUTS: dict[StepConfig, tuple[list[int] | None, list[str]]] = {}
+#: id(config) -> (config, storage codes, state keys): by id, as a StepConfig hashes its nested tuples on every
+#: lookup (accepts runs per parameter per step); the config is kept so its id stays its own
+_NATIVE_LAYOUTS: dict[int, tuple[StepConfig, list[int] | None, list[str]]] = {}
 
 
 def _native_layout(config: StepConfig) -> tuple[list[int] | None, list[str]]:
     """The kernel's storage codes and the state keys in kernel order (None: no native storage)."""
-    cached = _NATIVE_LAYOUTS.get(config)
-    if cached is None:
+    cached = _NATIVE_LAYOUTS.get(id(config))
+    if cached is None or cached[0] is not config:
         codes = [native.storage_code(buffer, codec) for buffer, codec in config.codecs]
         keys = [key for buffer, codec in config.codecs for key in codec.keys(buffer)]
         ok = config.rule.name in native.KERNELS and all(code is not None for code in codes)
-        cached = _NATIVE_LAYOUTS[config] = (codes if ok else None, keys)  # type: ignore[assignment]
-    return cached
+        cached = _NATIVE_LAYOUTS[id(config)] = (config, codes if ok else None, keys)  # type: ignore[assignment]
+    return cached[1], cached[2]
 
 
 def _chunked(config: StepConfig, items: list[StepItem]) -> list[StepItem]:
@@ -235,10 +238,7 @@ class Executor:
         if taken:
             backend.run(config, taken, hp)
         if rest:  # raw items (built for the kernel) take the working layout first
-            block = config.block
-            rest = [item if tuple(item.p.shape) == working_layout(item.p, block) else
-                    working_item(item.p, item.g, item.state, block) for item in rest]
-            self.eager.run(config, rest, hp)
+            self.eager.run(config, [_as_working(item, config.block) for item in rest], hp)
         for item in items:
             if item.writeback is not None:
                 item.writeback.copy_(item.p.view_as(item.writeback))
@@ -246,6 +246,18 @@ class Executor:
     @property
     def _compile_failed(self) -> bool:
         return self.backends["compiled"]._compile_failed  # type: ignore[attr-defined]
+
+
+def _as_working(item: StepItem, block: int | None) -> StepItem:
+    """A raw item (the kernel's: parameter-shaped, the state dict itself) in the eager step's working layout.
+    A state tensor the kernel refused for its strides is made contiguous in place in the state dict (the
+    same values): the working layout is views of it."""
+    if tuple(item.p.shape) == working_layout(item.p, block):
+        return item
+    for key, value in item.state.items():
+        if not value.is_contiguous():
+            item.state[key] = value.contiguous()
+    return working_item(item.p, item.g, item.state, block)
 
 
 def _split(backend: Backend, config: StepConfig, items: list[StepItem]) -> tuple[list[StepItem], list[StepItem]]:
@@ -270,16 +282,17 @@ def _compile_buckets(step_fn: StepFn) -> Callable[..., None]:
 
 
 @contextlib.contextmanager
-def compile_settings() -> Iterator[None]:
+def compile_settings(emulate_casts: bool = False) -> Iterator[None]:
     # equal sizes must not become one symbol: the next bucket's sizes would break that
     # equality guard and recompile. And inductor would fuse a bucket's parameters
     # horizontally into one C++ kernel that it leaves single-threaded; one loop nest per
-    # parameter keeps every loop parallel. emulate_precision_casts: without it inductor
-    # keeps a bf16 rounding in fp32 registers, folding Kahan's ``p32 - p32.to(bf16).float()``
-    # to 0. (Patched around each call, not passed as torch.compile options: with the FX
-    # graph cache on, those options are dropped.)
+    # parameter keeps every loop parallel. emulate_casts (bf16/fp16 parameters): without
+    # emulate_precision_casts inductor keeps a bf16 rounding in fp32 registers, folding Kahan's
+    # ``p32 - p32.to(bf16).float()`` to 0; fp32 parameters round nothing they re-read, and keep
+    # the default. (Patched around each call, not passed as torch.compile options: with the FX
+    # graph cache on, those options are dropped; the settings are part of that cache's key.)
     with torch.fx.experimental._config.patch(use_duck_shape=False), torch._inductor.config.patch(
-        {"cpp.max_horizontal_fusion_size": 1, "cpp.min_chunk_size": 1, "emulate_precision_casts": True}
+        {"cpp.max_horizontal_fusion_size": 1, "cpp.min_chunk_size": 1, "emulate_precision_casts": emulate_casts}
     ):
         yield
 

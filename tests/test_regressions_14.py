@@ -177,3 +177,40 @@ def test_7_inf_gradient_never_moves_its_8bit_neighbours(execution):
         assert torch.equal(poisoned[others], clean[others])
         for key, value in clean_state.items():
             assert torch.equal(state[key], value), key
+
+
+@needs_native
+def test_6_the_kernel_entry_point_refuses_unchecked_tensors():
+    p, g = torch.zeros(1000), torch.ones(1000)
+    codes, short_scales = torch.zeros(1000, dtype=torch.int8), torch.zeros(2)  # 4 blocks need 4 scales
+    v_codes, v_scales = torch.zeros(1000, dtype=torch.uint8), torch.zeros(4)
+    coefficients = torch.zeros(len(native.KERNELS["adamw"].coefficients))
+    signed, unsigned = native.storage_code(*_eight_bit("exp_avg", "signed")), native.storage_code(
+        *_eight_bit("exp_avg_sq", "unsigned"))
+    with pytest.raises(ValueError, match=r"block scales of state buffer 0 are torch\.float32 x 2"):
+        native.step([p], [g], [codes, short_scales, v_codes, v_scales], [], coefficients, "adamw",
+                    [signed, unsigned], 0)
+    with pytest.raises(ValueError, match="gradient"):
+        native.step([p], [torch.ones(2000)[::2]], [codes, torch.zeros(4), v_codes, v_scales], [], coefficients,
+                    "adamw", [signed, unsigned], 0)
+
+
+def _eight_bit(name, kind):
+    from hf_optim.rules.base import Buffer
+    from hf_optim.state import CODECS
+
+    return Buffer(name, kind), CODECS["8bit"]
+
+
+@needs_native
+def test_6_live_state_the_kernel_cannot_take_steps_eagerly_instead():
+    p = torch.nn.Parameter(torch.randn(64, 96, generator=torch.Generator().manual_seed(6)))
+    q = torch.nn.Parameter(p.detach().clone())
+    ours, ref = hf_optim.AdamW([p], execution="native"), hf_optim.AdamW([q], execution="eager")
+    for step, g in enumerate(_grads((64, 96), 3)):
+        p.grad, q.grad = g.clone(), g.clone()
+        ours.step()
+        ref.step()
+        if step == 0:  # same values, transposed strides: the kernel would read them scrambled
+            ours.state[p]["exp_avg"] = ours.state[p]["exp_avg"].t().contiguous().t()
+    torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=1e-7)

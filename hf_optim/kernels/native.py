@@ -218,6 +218,8 @@ def step(
     flags: int,
     counters: Sequence[Tensor] = (),
     library: ctypes.CDLL | None = None,
+    *,
+    checked: bool = False,
 ) -> None:
     """One step of ``rule`` for every parameter, in place (the body of ``torch.ops.hf_optim.cpu_step``).
 
@@ -225,8 +227,11 @@ def step(
     one fp32 tensor per fp32 buffer, codes then block scales per 8-bit one.
     ``kahans`` is empty or one compensation buffer per (bf16) parameter;
     ``counters`` is empty or one fp32 scalar step count per parameter, which the
-    kernel advances by one. Every tensor must be contiguous; a parameter and its
-    gradient share dtype and size. ``library``: the self-check's, before the process uses it.
+    kernel advances by one. Every tensor is checked (``item_unsupported``: dtype, size,
+    contiguity, alignment, device) and a bad one is a ``ValueError``, never a crash;
+    ``checked=True`` skips that per-tensor pass for a caller that has just run
+    ``item_unsupported`` on every parameter of this call (the step plan's native backend).
+    ``library``: the self-check's, before the process uses it.
     """
     lib = _library() if library is None else library
     if isinstance(lib, str):
@@ -243,7 +248,7 @@ def step(
     if any(p.dtype != params[0].dtype for p in params):
         raise ValueError("cpu_step: one call takes parameters of one dtype")
     # the kernel trusts every pointer and size: each tensor is checked here, so a bad one is an error, never a crash
-    for i, (p, g) in enumerate(zip(params, grads)):
+    for i, (p, g) in enumerate(zip(params, grads) if not checked else ()):
         why = item_unsupported(
             p, g, states[i * per_item : (i + 1) * per_item], kahans[i] if kahans else None,
             counters[i] if counters else None, storage,
@@ -297,15 +302,18 @@ def item_unsupported(
     dtype and element count its role implies (state buffers: one element per parameter element,
     block scales one per block of 256), aligned to its element size. ``states`` are this
     parameter's buffers in rule order (codes then block scales for an 8-bit one).
+    (Called for every parameter every step: kept to cheap attribute reads.)
     """
     numel = p.numel()
-    if p.dtype not in _PARAM_DTYPES:
-        return f"parameter dtype {p.dtype} (allowed: float32, bfloat16)"
-    if g.dtype != p.dtype or g.numel() != numel:
-        return f"gradient {g.dtype} x {g.numel()} does not match the parameter's {p.dtype} x {numel}"
+    dtype = p.dtype
+    if dtype not in _PARAM_DTYPES:
+        return f"parameter dtype {dtype} (allowed: float32, bfloat16)"
+    if not _dense_cpu(p, dtype, numel):
+        return f"the parameter is not a contiguous, aligned CPU tensor of {numel} elements"
+    if not _dense_cpu(g, dtype, numel):
+        return f"the gradient ({g.dtype}, {g.numel()} elements) is not a contiguous, aligned CPU {dtype} tensor " \
+               f"of {numel} elements"
     blocks = -(-numel // BLOCK)
-    expected: list[tuple[str, Tensor, torch.dtype, int]] = [("parameter", p, p.dtype, numel),
-                                                           ("gradient", g, p.dtype, numel)]
     k = 0
     for index, code in enumerate(storage):
         dtypes = _STORAGE_DTYPES.get(code)
@@ -313,22 +321,28 @@ def item_unsupported(
             return f"unknown storage code {code}"
         if k + len(dtypes) > len(states):
             return "fewer state tensors than its storage needs"
-        expected.append((f"state buffer {index}", states[k], dtypes[0], numel))
-        if len(dtypes) == 2:
-            expected.append((f"block scales of state buffer {index}", states[k + 1], dtypes[1], blocks))
+        t = states[k]
+        if not _dense_cpu(t, dtypes[0], numel):
+            return f"state buffer {index} is {t.dtype} x {t.numel()}, the kernel needs a contiguous, aligned " \
+                   f"CPU {dtypes[0]} x {numel}"
+        if len(dtypes) == 2 and not _dense_cpu(states[k + 1], torch.float32, blocks):
+            t = states[k + 1]
+            return f"the block scales of state buffer {index} are {t.dtype} x {t.numel()}, the kernel needs a " \
+                   f"contiguous, aligned CPU float32 x {blocks}"
         k += len(dtypes)
     if k != len(states):
         return "more state tensors than its storage needs"
-    if kahan is not None:
-        expected.append(("Kahan compensation", kahan, p.dtype, numel))
-    if counter is not None:
-        expected.append(("step counter", counter, torch.float32, 1))
-    for role, t, dtype, count in expected:
-        if t.dtype != dtype or t.numel() != count:
-            return f"{role} is {t.dtype} x {t.numel()}, the kernel needs {dtype} x {count}"
-        if t.device.type != "cpu" or not t.is_contiguous() or t.data_ptr() % t.element_size():
-            return f"{role} is not a contiguous, aligned CPU tensor"
+    if kahan is not None and not _dense_cpu(kahan, dtype, numel):
+        return f"the Kahan compensation is {kahan.dtype} x {kahan.numel()}, the kernel needs {dtype} x {numel}"
+    if counter is not None and not _dense_cpu(counter, torch.float32, 1):
+        return "the step counter is not a CPU float32 scalar"
     return None
+
+
+def _dense_cpu(t: Tensor, dtype: torch.dtype, numel: int) -> bool:
+    """``t`` is a contiguous CPU tensor of ``dtype`` and ``numel`` elements, aligned to its element size."""
+    return (t.dtype == dtype and t.numel() == numel and t.is_cpu and t.is_contiguous()
+            and t.data_ptr() % t.element_size() == 0)
 
 
 def _pointers(tensors: Sequence[Tensor]) -> list[int]:
