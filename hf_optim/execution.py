@@ -264,6 +264,7 @@ def _run_native(config: StepConfig, items: list[StepItem], hp: dict[str, Tensor]
             storage,
             native.flag_bits(config.rule, flags, config.kahan),
             [item.state["step"] for item in group],
+            None if config.norm is local_norm else config.norm,  # layer-wise rules: global norms
         )
         torch.autograd.graph.increment_version(params)
 
