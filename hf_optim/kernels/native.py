@@ -14,7 +14,8 @@ second) and cached under ``$HF_OPTIM_CACHE`` (default ``~/.cache/hf_optim``)
 by a hash of the source, flags, compiler and CPU, so it matches the machine it
 runs on; it is loaded with ctypes and links the OpenMP runtime torch already
 loaded. ``$HF_OPTIM_NATIVE_FLAGS`` adds compiler flags (e.g. ``-mno-avx512f``
-for the portable C path on a machine that has AVX-512). ``step`` is the whole
+for the AVX2 path on a machine that has AVX-512, ``-mno-avx512f -mno-avx2``
+for the portable C loop; ``vector_path()`` says which one a build has). ``step`` is the whole
 interface. It is also registered as the torch operator
 ``torch.ops.hf_optim.cpu_step`` (with a fake implementation), so a compiled
 graph or other torch code can hold it; the engine calls ``step`` directly,
