@@ -224,14 +224,3 @@ def test_kernel_norms_go_through_the_rules_norm(cls, hp, monkeypatch):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
         assert not torch.allclose(b, c, rtol=1e-4, atol=0)  # the other shard's norm reached the step
 
-
-def test_parameters_in_several_groups_step_as_in_one(monkeypatch):
-    # the norm and update passes run per group of ~GROUP_ELEMENTS elements: groups of one or a few parameters
-    # must give what one group gives (each parameter's norm is its own, whichever group holds it)
-    whole, whole_opt = run("native", hf_optim.LAMB, LAMB_HP, torch.float32, "8bit", steps=3)
-    monkeypatch.setattr(native, "GROUP_ELEMENTS", 5000)
-    assert len(native._groups([p.numel() for p in whole])) >= 3
-    grouped, grouped_opt = run("native", hf_optim.LAMB, LAMB_HP, torch.float32, "8bit", steps=3)
-    for a, b in zip(whole, grouped):
-        assert torch.equal(a, b)
-        assert all(torch.equal(whole_opt.state[a][k], grouped_opt.state[b][k]) for k in whole_opt.state[a])

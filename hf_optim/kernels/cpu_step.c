@@ -609,20 +609,23 @@ int hf_optim_norms(int rule, const item_t *items, int64_t n_items, const int64_t
   const int64_t total = first_block[n_items];
   float *partial = malloc((size_t)(total > 0 ? total : 1) * 2 * sizeof(float));
   if (!partial) return 2;
-#pragma omp parallel for schedule(static) num_threads(n_threads)
-  for (int64_t b = 0; b < total; ++b) {
-    const int64_t i = item_of(first_block, n_items, b), block = b - first_block[i];
-    const int n = block_size(&items[i], block);
-    prefetch_ahead(&sp, &items[i], block * BLOCK);
-    block_t blk;
-    load_block(&sp, &items[i], block, n, &blk);
-    sp.norms(n, blk.p, blk.g, blk.s, coefficients, flags, partial + 2 * b);
-  }
-#pragma omp parallel for schedule(static) num_threads(n_threads)
-  for (int64_t i = 0; i < n_items; ++i) {
-    double a = 0.0, c = 0.0;
-    for (int64_t b = first_block[i]; b < first_block[i + 1]; ++b) a += partial[2 * b], c += partial[2 * b + 1];
-    sums[2 * i] = a, sums[2 * i + 1] = c;
+#pragma omp parallel num_threads(n_threads) /* one parallel region, two loops */
+  {
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < total; ++b) {
+      const int64_t i = item_of(first_block, n_items, b), block = b - first_block[i];
+      const int n = block_size(&items[i], block);
+      prefetch_ahead(&sp, &items[i], block * BLOCK);
+      block_t blk;
+      load_block(&sp, &items[i], block, n, &blk);
+      sp.norms(n, blk.p, blk.g, blk.s, coefficients, flags, partial + 2 * b);
+    }
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < n_items; ++i) {
+      double a = 0.0, c = 0.0;
+      for (int64_t b = first_block[i]; b < first_block[i + 1]; ++b) a += partial[2 * b], c += partial[2 * b + 1];
+      sums[2 * i] = a, sums[2 * i + 1] = c;
+    }
   }
   free(partial);
   return 0;

@@ -304,35 +304,14 @@ def step(
         bucket = (kernel.index, rows.buffer_info()[0], len(params), first_block.buffer_info()[0], c.data_ptr())
         status = lib.hf_optim_step(*bucket, *layout)
     else:
-        # a norm pass then an update pass, per group of parameters small enough that the update pass finds them
-        # still in cache (a few calls for a large model; one for thousands of small tensors)
-        status = 0
-        for start, end in _groups(numels):
-            blocks = array.array("q", (b - first_block[start] for b in first_block[start : end + 1]))
-            bucket = (kernel.index, rows.buffer_info()[0] + start * 8 * len(columns), end - start,
-                      blocks.buffer_info()[0], c.data_ptr())
-            per_param = _item_coefficients(lib, kernel, bucket, layout, c, numels[start:end], flags, norm)
-            status = status or lib.hf_optim_step_items(*bucket, per_param.data_ptr(), per_param.shape[1], *layout)
+        # the norm pass over the whole bucket, then the update pass: two parallel loops a step (per group of
+        # ~1M elements instead, to find the group in cache again, measured no faster, and every extra parallel
+        # region costs a barrier, which a busy machine stretches to milliseconds)
+        bucket = (kernel.index, rows.buffer_info()[0], len(params), first_block.buffer_info()[0], c.data_ptr())
+        per_param = _item_coefficients(lib, kernel, bucket, layout, c, numels, flags, norm)
+        status = lib.hf_optim_step_items(*bucket, per_param.data_ptr(), per_param.shape[1], *layout)
     if status:
         raise RuntimeError(f"cpu_step: the kernel rejected rule {rule!r} with {len(storage)} buffers")
-
-
-#: a layer-wise rule's parameters are stepped in groups of about this many elements (a larger one alone): the
-#: norm pass reads a group, the update pass reads it again, and between the two it should stay in the L2/L3 cache
-GROUP_ELEMENTS = 1 << 20
-
-
-def _groups(numels: Sequence[int]) -> list[tuple[int, int]]:
-    """Consecutive [start, end) runs of parameters of about ``GROUP_ELEMENTS`` elements."""
-    groups, start, size = [], 0, 0
-    for i, n in enumerate(numels):
-        if size and size + n > GROUP_ELEMENTS:
-            groups.append((start, i))
-            start, size = i, 0
-        size += n
-    if start < len(numels):
-        groups.append((start, len(numels)))
-    return groups
 
 
 def _item_coefficients(lib: ctypes.CDLL, kernel: NativeKernel, bucket: tuple, layout: tuple, c: Tensor,
