@@ -271,9 +271,10 @@ def step(
         raise ValueError("cpu_step: params, grads, states, kahans and counters do not line up")
     if any(c.dtype != torch.float32 or c.numel() != 1 for c in counters):
         raise ValueError("cpu_step: step counters must be fp32 scalars")
-    if any(p.dtype != g.dtype or p.numel() != g.numel() for p, g in zip(params, grads)) or not all(
-        t.is_contiguous() for t in (*params, *grads)
-    ):
+    # one pass over the parameters (thousands of small ones: this loop is a good part of the call)
+    numels = [p.numel() for p in params]
+    if any(p.dtype != g.dtype or n != g.numel() or not (p.is_contiguous() and g.is_contiguous())
+           for p, g, n in zip(params, grads, numels)):
         raise ValueError("cpu_step: parameters and gradients must be contiguous and alike")
     if coefficients.dtype != torch.float32 or coefficients.numel() != len(kernel.coefficients):
         raise ValueError(f"cpu_step: {rule} takes {len(kernel.coefficients)} fp32 coefficients "
@@ -281,7 +282,6 @@ def step(
     # cpu_step.c's item_t, one row per parameter: numel, param, grad, kahan, counter, state[MAX_BUFFERS],
     # absmax[MAX_BUFFERS]; filled a column at a time (one pass over the tensors each: per-tensor Python is
     # most of this call's cost for many small parameters)
-    numels = [p.numel() for p in params]
     none = [0] * len(params)
     columns = [numels, _pointers(params), _pointers(grads), _pointers(kahans) or none, _pointers(counters) or none]
     data, scales = [none] * _MAX_BUFFERS, [none] * _MAX_BUFFERS
