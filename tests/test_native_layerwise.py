@@ -133,8 +133,9 @@ def assert_close_to_eager(cls, hp, dtype, precision, steps=6, poison_step=None):
             torch.testing.assert_close(b.float() + ours_opt.state[b]["kahan_comp"].float(),
                                        a.float() + eager_opt.state[a]["kahan_comp"].float(), rtol=4e-5,
                                        atol=1e-6 * scale)
-        else:  # bf16: an ulp of the fp32 step can round either way
-            torch.testing.assert_close(b.float(), a.float(), rtol=8e-3, atol=1e-5, equal_nan=True)
+        else:  # bf16 alone: an ulp of the fp32 step can round either way, and the rounding feeds the next step
+            torch.testing.assert_close(b.float(), a.float(), rtol=8e-3, atol=1e-3 * scale, equal_nan=True)
+            assert (a != b).float().mean() < 0.01
         for key, value in eager_opt.state[a].items():
             mine = ours_opt.state[b][key]
             if key == "kahan_comp":
