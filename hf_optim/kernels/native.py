@@ -299,15 +299,14 @@ def step(
     codes = (ctypes.c_int * max(len(storage), 1))(*storage)
     c = coefficients.contiguous()
     dtype = _PARAM_DTYPES[params[0].dtype] if params else 0
+    bucket = (kernel.index, rows.buffer_info()[0], len(params), first_block.buffer_info()[0], c.data_ptr())
     layout = (len(storage), codes, dtype, flags, torch.get_num_threads())
     if kernel.item_coefficients is None:
-        bucket = (kernel.index, rows.buffer_info()[0], len(params), first_block.buffer_info()[0], c.data_ptr())
         status = lib.hf_optim_step(*bucket, *layout)
     else:
         # the norm pass over the whole bucket, then the update pass: two parallel loops a step (per group of
         # ~1M elements instead, to find the group in cache again, measured no faster, and every extra parallel
         # region costs a barrier, which a busy machine stretches to milliseconds)
-        bucket = (kernel.index, rows.buffer_info()[0], len(params), first_block.buffer_info()[0], c.data_ptr())
         per_param = _item_coefficients(lib, kernel, bucket, layout, c, numels, flags, norm)
         status = lib.hf_optim_step_items(*bucket, per_param.data_ptr(), per_param.shape[1], *layout)
     if status:
