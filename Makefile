@@ -6,7 +6,7 @@ BIN     := $(VENV)/bin
 TORCH   ?= torch==2.13.0
 STAMP   := $(VENV)/.installed
 
-.PHONY: install demo test fuzz lint bench clean
+.PHONY: install demo test fuzz lint bench cross-tools quantizer-paths clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -33,6 +33,15 @@ fuzz: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/step_time.py
+
+# optional (root, Debian/Ubuntu, ~1 min): an aarch64 cross compiler and qemu-user, so tests/test_vector_paths.py
+# and quantizer-paths also check the native quantizer's aarch64 builds (NEON, SVE); skipped where absent
+cross-tools:
+	apt-get install -y gcc-aarch64-linux-gnu qemu-user
+
+# every vector path of the native quantizer this machine can build (avx512, avx2, portable, aarch64 via qemu)
+quantizer-paths: $(STAMP)
+	$(BIN)/python benchmarks/quantizer_paths.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

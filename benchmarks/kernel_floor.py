@@ -1,6 +1,7 @@
 """The native kernel's arithmetic floor: its step on data that never leaves cache, against fused AdamW.
 
     python benchmarks/kernel_floor.py            # ~1 min
+    HF_OPTIM_NATIVE_FLAGS=-mno-avx512f python benchmarks/kernel_floor.py   # the AVX2 path on an AVX-512 CPU
 
 Whether a step can beat torch's fused fp32 AdamW by moving fewer bytes depends on
 whether it is memory-bound. A C driver, built with the kernel's own flags, calls
@@ -18,6 +19,7 @@ speed target means no memory layout can reach that target with this arithmetic.
 
 from __future__ import annotations
 
+import os
 import statistics
 import subprocess
 import sys
@@ -107,6 +109,9 @@ def main() -> int:
                                          capture_output=True, text=True).stdout
                     times.setdefault(f"{label} native {size}", []).append(float(out))
     base = statistics.median(times["fused AdamW 16.8M"])
+    extra = os.environ.get("HF_OPTIM_NATIVE_FLAGS", "")
+    built_with = f" (HF_OPTIM_NATIVE_FLAGS={extra!r})" if extra else ""
+    print(f"native kernel vector path: {native.vector_path()}{built_with}")
     print(f"{'candidate (2 threads)':<28} {'ns/param':>9} {'x fused 16.8M':>14}")
     for name, values in times.items():
         median = statistics.median(values)

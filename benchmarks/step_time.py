@@ -1,6 +1,8 @@
 """Optimizer step time: every candidate measured interleaved in one run.
 
     python benchmarks/step_time.py --numel 16.8M --tensors 8 128 --only adamw
+    python benchmarks/step_time.py --shapes llama-134m 5000x100 --only native
+    HF_OPTIM_NATIVE_FLAGS=-mno-avx512f python benchmarks/step_time.py ...   # the AVX2 path on an AVX-512 CPU
 
 For each (numel, tensor count) configuration, every candidate gets its own
 parameters with the same shapes; after warm-up (and compilation) the
@@ -9,6 +11,11 @@ machine noise (this kind of machine's memory bandwidth swings ~2x between
 runs) hits them alike. Prints the median step time and its ratio to
 ``torch.optim.AdamW(fused=True)``. Only same-run ratios mean anything.
 
+``--shapes`` measures real-world parameter lists instead: a 134M Llama's 111
+tensors (shapes from a transformers ``LlamaConfig``, no weights) and 5000
+tensors of 100 elements. The first line says which vector path the native
+kernel's build has (avx512, avx2 or portable).
+
 Candidates register in ``CANDIDATES``: name -> factory(params) -> optimizer;
 a factory whose peer package is missing is skipped with a note.
 """
@@ -16,6 +23,8 @@ a factory whose peer package is missing is skipped with a note.
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 from pathlib import Path
 
@@ -25,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import hf_optim
 from hf_optim.bench import BASELINE, Factory, make_shapes, measure  # the timing loop, shared with `hf-optim bench`
+from hf_optim.kernels import native
 from hf_optim.memory import parse_count
 
 
@@ -81,6 +91,13 @@ CANDIDATES.update({
     "hf_optim ranger compiled": lambda ps: hf_optim.Ranger(ps, lr=1e-3, weight_decay=0.01, execution="compiled"),
     "hf_optim ranger native": lambda ps: hf_optim.Ranger(ps, lr=1e-3, weight_decay=0.01, execution="native"),
     "optimi Ranger": _optimi("Ranger"),
+    "hf_optim lamb native": lambda ps: hf_optim.LAMB(ps, lr=1e-3, weight_decay=0.01, execution="native"),
+    "hf_optim lamb_8bit native": lambda ps: hf_optim.LAMB(ps, lr=1e-3, weight_decay=0.01, state_precision="8bit",
+                                                          execution="native"),
+    "hf_optim lars native": lambda ps: hf_optim.LARS(ps, lr=1.0, weight_decay=1e-4, execution="native"),
+    "hf_optim stable_adamw native": lambda ps: hf_optim.StableAdamW(ps, lr=1e-3, execution="native"),
+    "hf_optim stable_adamw_8bit native": lambda ps: hf_optim.StableAdamW(ps, lr=1e-3, state_precision="8bit",
+                                                                         execution="native"),
     "hf_optim sgd compiled": lambda ps: hf_optim.SGD(ps, lr=0.1, momentum=0.9, execution="compiled"),
     "hf_optim sgd native": lambda ps: hf_optim.SGD(ps, lr=0.1, momentum=0.9, execution="native"),
     "torch SGD foreach": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, foreach=True),
@@ -98,6 +115,28 @@ def report(rows: list[dict], title: str) -> None:
             print(f"  {row['candidate']:34s} {row['median_ms']:10.2f} {ratio:8.2f} {row['warmup_s']:10.1f}")
 
 
+def llama_shapes(name: str = "134m") -> list[tuple[int, ...]]:
+    """A Llama's parameter shapes from a transformers ``LlamaConfig`` (built on the meta device: no weights).
+
+    134m: hidden 768, 12 layers, 12 heads, MLP 2048, vocab 32000, untied head: 134.1M parameters, 111 tensors.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    configs = {"134m": LlamaConfig(hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
+                                   num_attention_heads=12, num_key_value_heads=12, vocab_size=32000,
+                                   tie_word_embeddings=False)}
+    with torch.device("meta"):
+        model = LlamaForCausalLM(configs[name])
+    return [tuple(p.shape) for p in model.parameters()]
+
+
+#: real-world parameter lists (``--shapes``), beside the equal-tensor grid of --numel x --tensors
+SHAPE_SETS = {
+    "llama-134m": lambda: llama_shapes("134m"),
+    "5000x100": lambda: [(100,)] * 5000,  # thousands of small tensors: per-tensor overhead
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--numel", nargs="+", default=["16.8M"], help="total parameter counts, e.g. 16.8M 67.1M")
@@ -106,16 +145,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--only", nargs="*", default=[], help="substrings: keep matching candidates (+ baseline)")
+    parser.add_argument("--shapes", nargs="*", default=[], choices=sorted(SHAPE_SETS),
+                        help="real-world parameter lists to measure (instead of the --numel x --tensors grid)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     names = [n for n in CANDIDATES if n == BASELINE or not args.only or any(s in n for s in args.only)]
     print(f"torch {torch.__version__}, {args.threads} threads, {args.steps} interleaved steps, medians")
-    for numel in map(parse_count, args.numel):
-        for tensors in args.tensors:
-            shapes = make_shapes(numel, tensors)
-            total = sum(r * c for r, c in shapes)
-            rows = measure({n: CANDIDATES[n] for n in names}, shapes, args.steps, args.warmup, progress=False)
-            report(rows, f"{total / 1e6:.1f}M params in {tensors} tensors")
+    flags = os.environ.get("HF_OPTIM_NATIVE_FLAGS", "")
+    built_with = f" (HF_OPTIM_NATIVE_FLAGS={flags!r})" if flags else ""
+    print(f"native kernel vector path: {native.vector_path()}{built_with}")
+    if args.shapes:
+        sets = [(name, SHAPE_SETS[name]()) for name in args.shapes]
+    else:
+        sets = [(f"{tensors} tensors", make_shapes(numel, tensors)) for numel in map(parse_count, args.numel)
+                for tensors in args.tensors]
+    for label, shapes in sets:
+        total = sum(math.prod(s) for s in shapes)
+        rows = measure({n: CANDIDATES[n] for n in names}, shapes, args.steps, args.warmup, progress=False)
+        report(rows, f"{total / 1e6:.1f}M params in {len(shapes)} tensors ({label})")
     return 0
 
 

@@ -45,6 +45,7 @@ from .execution import (
     StepConfig,
     StepFn,
     StepItem,
+    local_norm,
     make_step,
     row_chunks,
     scalar_coefficients,
@@ -194,6 +195,7 @@ class NativeBackend:
                 config.rule.name,
                 storage,
                 native.flag_bits(config.rule, flags, config.kahan),
+                norm=None if config.norm is local_norm else config.norm,  # layer-wise rules: global norms
                 checked=True,  # every item passed accepts() in this run
             )
             torch.autograd.graph.increment_version(params)

@@ -286,7 +286,8 @@ def test_auto_runs_native_where_it_applies_and_compiled_or_eager_elsewhere():
     params = [torch.nn.Parameter(torch.randn(64, 64)) for _ in range(2)]
     for p in params:
         p.grad = torch.randn_like(p)
-    for cls, expected in ((hf_optim.AdamW, "native"), (hf_optim.Lion, "native"), (hf_optim.LAMB, "eager")):
+    for cls, expected in ((hf_optim.AdamW, "native"), (hf_optim.Lion, "native"), (hf_optim.LAMB, "native"),
+                          (hf_optim.LARS, "native"), (hf_optim.StableAdamW, "native")):
         opt = cls(params, execution="auto")
         opt.step()
         assert set(opt._modes.values()) == {expected}, cls
@@ -297,7 +298,8 @@ def test_auto_runs_native_where_it_applies_and_compiled_or_eager_elsewhere():
     assert set(opt._modes.values()) == {"eager"}
 
 
-def test_native_for_a_rule_without_a_kernel_is_a_clear_error_at_construction():
+def test_native_for_a_rule_without_a_kernel_is_a_clear_error_at_construction(monkeypatch):
+    monkeypatch.delitem(native.KERNELS, "lamb")  # every rule has a kernel now: take one away
     with pytest.raises(ValueError, match="Invalid execution: 'native' for LAMB: no native kernel for lamb"):
         hf_optim.LAMB([torch.nn.Parameter(torch.randn(4))], execution="native")
 
@@ -331,10 +333,11 @@ def test_kernel_builds_in_a_fresh_cache_and_a_missing_compiler_falls_back(tmp_pa
 
 @pytest.mark.skipif(
     platform.machine().lower() not in ("x86_64", "amd64") or "avx512f" not in Path("/proc/cpuinfo").read_text(),
-    reason="without AVX-512 the default build is already the portable path",
+    reason="without AVX-512 the default build is already a reduced one",
 )
-def test_portable_c_path_gives_the_same_codes_as_the_vector_path(tmp_path):
-    # without AVX-512 the kernel quantizes with its plain C loop (another root guess, the same exact tests)
+@pytest.mark.parametrize("flags", ["-mno-avx512f", "-mno-avx512f -mno-avx2"])
+def test_reduced_paths_give_the_same_codes_as_the_eager_codec(tmp_path, flags):
+    # AVX2 quantizes 8 lanes with a refined rsqrt guess, the plain C loop with a bit-level one: the same exact tests
     script = (
         "import torch, hf_optim\n"
         "from hf_optim.kernels import native\n"
@@ -351,6 +354,6 @@ def test_portable_c_path_gives_the_same_codes_as_the_vector_path(tmp_path):
         "    codes.append([opt.state[p][k] for k in sorted(opt.state[p]) if k != 'step'])\n"
         "print(all(torch.equal(a, b) for a, b in zip(*codes)))\n"
     )
-    env = {**os.environ, "HF_OPTIM_CACHE": str(tmp_path / "cache"), "HF_OPTIM_NATIVE_FLAGS": "-mno-avx512f"}
+    env = {**os.environ, "HF_OPTIM_CACHE": str(tmp_path / "cache"), "HF_OPTIM_NATIVE_FLAGS": flags}
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
     assert out.stdout.strip() == "True", out.stderr[-2000:]

@@ -3,9 +3,11 @@
 ``execution="native"`` (and ``"auto"`` on CPU, where it applies) steps a bucket
 of parameters with one call into ``cpu_step.c``: decode -> rule -> encode per
 block of 256 elements, all blocks of all parameters in one OpenMP loop. The
-kernel covers the rules in ``KERNELS`` (AdamW, Lion, SGD, Adan, Ranger) with
-fp32 or 8-bit state and fp32 or bf16 parameters; anything else runs compiled
-or eagerly.
+kernel covers the rules in ``KERNELS`` (AdamW, Lion, SGD, Adan, Ranger, and the
+layer-wise LAMB, LARS and StableAdamW: a norm pass, then the update) with fp32
+or 8-bit state and fp32 or bf16 parameters; anything else runs compiled or
+eagerly. Where the compiler targets AVX-512 or AVX2 (+FMA) the quantizer runs
+on vectors; elsewhere (aarch64) its plain C loop, which the compiler vectorizes.
 
 The shared library is built on first use with ``-O3 -march=native`` (under a
 second) and cached under ``$HF_OPTIM_CACHE`` (default ``~/.cache/hf_optim``)
@@ -15,7 +17,8 @@ loaded. ``hf_optim.kernels.build`` keeps that cache private, builds
 atomically and verifies what it loads; a library is also checked against
 ``torch.optim.AdamW`` once per process before it steps anything (``_self_check``).
 ``$HF_OPTIM_NATIVE_FLAGS`` adds compiler flags (e.g. ``-mno-avx512f``
-for the portable C path on a machine that has AVX-512). ``step`` is the whole
+for the AVX2 path on a machine that has AVX-512, ``-mno-avx512f -mno-avx2``
+for the portable C loop; ``vector_path()`` says which one a build has). ``step`` is the whole
 interface. It is also registered as the torch operator
 ``torch.ops.hf_optim.cpu_step`` (with a fake implementation), so a compiled
 graph or other torch code can hold it; the engine calls ``step`` directly,
@@ -40,7 +43,9 @@ from ..rules.base import Buffer, UpdateRule
 from ..state.base import StateCodec
 from ..state.blockwise import BLOCK, BlockwiseCodec
 from ..state.dense import DenseCodec
+from . import layerwise
 from .build import cache_dir, compiler, env_flags, load  # noqa: F401 (cache_dir, compiler: this module's API)
+from .layerwise import ItemCoefficients, NormFn
 
 SOURCE = Path(__file__).with_name("cpu_step.c")
 #: -ffp-contract=off: no fused multiply-adds, so each operation rounds as torch's does
@@ -51,12 +56,18 @@ X86_FLAGS = ("-mprefer-vector-width=512",)
 
 
 class NativeKernel:
-    """A rule's kernel in ``cpu_step.c``: its index there and its coefficient names in order."""
+    """A rule's kernel in ``cpu_step.c``: its index there and its coefficient names in order.
 
-    def __init__(self, index: int, coefficients: tuple[str, ...], flags: Mapping[str, int]) -> None:
+    A layer-wise rule's kernel has a norm pass: ``item_coefficients`` (``hf_optim.kernels.layerwise``) turns its
+    per-parameter sums of squares into the floats each parameter's update pass reads.
+    """
+
+    def __init__(self, index: int, coefficients: tuple[str, ...], flags: Mapping[str, int],
+                 item_coefficients: ItemCoefficients | None = None) -> None:
         self.index = index
         self.coefficients = coefficients
-        self.flags = flags  # rule flag name -> bit
+        self.flags = flags  # rule flag name -> bit (0: a flag the kernel handles without one)
+        self.item_coefficients = item_coefficients
 
 
 #: rule name -> kernel (the C side documents the same orders)
@@ -84,8 +95,30 @@ KERNELS: dict[str, NativeKernel] = {
          "inv_bias_correction2_sqrt", "rectify", "rect", "eps", "sync", "alpha"),
         {},
     ),
+    # layer-wise rules: a norm pass, then the update (param_ndim and exclude_bias_and_norm set _PLAIN_FLAG)
+    "lamb": NativeKernel(
+        5,
+        ("lr", "weight_decay", "beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "inv_bias_correction1",
+         "inv_bias_correction2_sqrt", "inv_bias_correction2", "eps"),
+        {"bias_correction": 0, "exclude_bias_and_norm": 0, "param_ndim": 0},
+        layerwise.lamb,
+    ),
+    "lars": NativeKernel(
+        6,
+        ("lr", "weight_decay", "momentum", "one_minus_dampening", "has_momentum", "trust_coefficient"),
+        {"nesterov": 8, "exclude_bias_and_norm": 0, "param_ndim": 0},
+        layerwise.lars,
+    ),
+    "stable_adamw": NativeKernel(
+        7,
+        ("beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "inv_bias_correction1", "inv_bias_correction2",
+         "inv_bias_correction2_sqrt", "eps", "eps_sq", "lr", "weight_decay"),
+        {},
+        layerwise.stable_adamw,
+    ),
 }
 _KAHAN_FLAG = 4
+_PLAIN_FLAG = 16  # cpu_step.c's FLAG_PLAIN
 _STORE_FP32, _STORE_SIGNED_8BIT, _STORE_UNSIGNED_8BIT = 0, 1, 2
 _PARAM_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 _MAX_BUFFERS = 4  # cpu_step.c's MAX_BUFFERS
@@ -146,15 +179,8 @@ def _library() -> ctypes.CDLL | str:
     except (OSError, subprocess.CalledProcessError) as err:
         return f"{cc} does not run: {err}"
     # -march=native: a build is only good for this CPU (a shared home directory may serve several kinds)
-    return load(SOURCE, [cc, *flags, str(SOURCE)], [version, _cpu_signature()], _configure, _self_check)
+    return load(SOURCE, [cc, *flags, str(SOURCE)], [version, _cpu_signature()], _declare, _self_check)
 
-
-def _configure(lib: ctypes.CDLL) -> None:
-    lib.hf_optim_step.restype = ctypes.c_int
-    lib.hf_optim_step.argtypes = [
-        ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
-        ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-    ]
 
 
 def _self_check(lib: ctypes.CDLL) -> str | None:
@@ -183,6 +209,18 @@ def _self_check(lib: ctypes.CDLL) -> str | None:
     if counter.item() != 1.0:
         return f"the step counter is {counter.item()} after one step, not 1"
     return None
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    """cpu_step.c's entry points' signatures: a bucket (rule, items, count, first blocks, coefficients), then its
+    layout (buffers, storage codes, parameter dtype, flags, threads)."""
+    bucket = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
+    layout = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+    for name, args in (("hf_optim_step", bucket + layout),
+                       ("hf_optim_step_items", [*bucket, ctypes.c_void_p, ctypes.c_int, *layout]),
+                       ("hf_optim_norms", [*bucket, *layout, ctypes.c_void_p])):
+        getattr(lib, name).restype = ctypes.c_int
+        getattr(lib, name).argtypes = args
 
 
 def build_flags() -> tuple[str, ...]:
@@ -217,6 +255,7 @@ def step(
     storage: Sequence[int],
     flags: int,
     counters: Sequence[Tensor] = (),
+    norm: NormFn | None = None,
     library: ctypes.CDLL | None = None,
     *,
     checked: bool = False,
@@ -231,7 +270,9 @@ def step(
     contiguity, alignment, device) and a bad one is a ``ValueError``, never a crash;
     ``checked=True`` skips that per-tensor pass for a caller that has just run
     ``item_unsupported`` on every parameter of this call (the step plan's native backend).
-    ``library``: the self-check's, before the process uses it.
+    A layer-wise rule (LAMB, LARS, StableAdamW) takes its global norms through ``norm`` (the
+    rule's: an FSDP2 shard's all-reduces), None for the local norm. ``library``: the self-check's,
+    before the process uses it.
     """
     lib = _library() if library is None else library
     if isinstance(lib, str):
@@ -244,7 +285,8 @@ def step(
             or len(counters) not in (0, len(params))):
         raise ValueError("cpu_step: params, grads, states, kahans and counters do not line up")
     if coefficients.dtype != torch.float32 or coefficients.numel() != len(kernel.coefficients):
-        raise ValueError(f"cpu_step: {rule} takes {len(kernel.coefficients)} fp32 coefficients")
+        raise ValueError(f"cpu_step: {rule} takes {len(kernel.coefficients)} fp32 coefficients "
+                         f"({', '.join(kernel.coefficients)}), got {coefficients.numel()} {coefficients.dtype}")
     if any(p.dtype != params[0].dtype for p in params):
         raise ValueError("cpu_step: one call takes parameters of one dtype")
     # the kernel trusts every pointer and size: each tensor is checked here, so a bad one is an error, never a crash
@@ -255,10 +297,10 @@ def step(
         )
         if why:
             raise ValueError(f"cpu_step: parameter {i}: {why}")
+    numels = [p.numel() for p in params]
     # cpu_step.c's item_t, one row per parameter: numel, param, grad, kahan, counter, state[MAX_BUFFERS],
     # absmax[MAX_BUFFERS]; filled a column at a time (one pass over the tensors each: per-tensor Python is
     # most of this call's cost for many small parameters)
-    numels = [p.numel() for p in params]
     none = [0] * len(params)
     columns = [numels, _pointers(params), _pointers(grads), _pointers(kahans) or none, _pointers(counters) or none]
     data, scales = [none] * _MAX_BUFFERS, [none] * _MAX_BUFFERS
@@ -276,10 +318,16 @@ def step(
     codes = (ctypes.c_int * max(len(storage), 1))(*storage)
     c = coefficients.contiguous()
     dtype = _PARAM_DTYPES[params[0].dtype] if params else 0
-    status = lib.hf_optim_step(
-        kernel.index, rows.buffer_info()[0], len(params), first_block.buffer_info()[0], c.data_ptr(), len(storage),
-        codes, dtype, flags, torch.get_num_threads(),
-    )
+    bucket = (kernel.index, rows.buffer_info()[0], len(params), first_block.buffer_info()[0], c.data_ptr())
+    layout = (len(storage), codes, dtype, flags, torch.get_num_threads())
+    if kernel.item_coefficients is None:
+        status = lib.hf_optim_step(*bucket, *layout)
+    else:
+        # the norm pass over the whole bucket, then the update pass: two parallel loops a step (per group of
+        # ~1M elements instead, to find the group in cache again, measured no faster, and every extra parallel
+        # region costs a barrier, which a busy machine stretches to milliseconds)
+        per_param = _item_coefficients(lib, kernel, bucket, layout, c, numels, flags, norm)
+        status = lib.hf_optim_step_items(*bucket, per_param.data_ptr(), per_param.shape[1], *layout)
     if status:
         raise RuntimeError(f"cpu_step: the kernel rejected rule {rule!r} with {len(storage)} buffers")
 
@@ -345,6 +393,19 @@ def _dense_cpu(t: Tensor, dtype: torch.dtype, numel: int) -> bool:
             and t.data_ptr() % t.element_size() == 0)
 
 
+def _item_coefficients(lib: ctypes.CDLL, kernel: NativeKernel, bucket: tuple, layout: tuple, c: Tensor,
+                       numels: list[int], flags: int, norm: NormFn | None) -> Tensor:
+    """A layer-wise rule's per-parameter floats: its norm pass's sums made global norms, then the rule's math."""
+    named = dict(zip(kernel.coefficients, c))
+    sums = None
+    if not flags & _PLAIN_FLAG:  # the plain step needs no norm
+        sums = torch.empty(len(numels), 2, dtype=torch.float64)
+        status = lib.hf_optim_norms(*bucket, *layout, sums.data_ptr())
+        if status:
+            raise RuntimeError(f"cpu_step: the norm pass failed (status {status})")
+    return kernel.item_coefficients(named, sums, torch.tensor(numels, dtype=torch.float64), norm).contiguous()
+
+
 def _pointers(tensors: Sequence[Tensor]) -> list[int]:
     return [t.data_ptr() for t in tensors]
 
@@ -375,4 +436,16 @@ def _(params, grads, states, kahans, coefficients, rule, storage, flags, counter
 def flag_bits(rule: type[UpdateRule], flags: Mapping[str, object], kahan: bool) -> int:
     kernel = KERNELS[rule.name]
     bits = sum(bit for name, bit in kernel.flags.items() if flags.get(name))
+    # LAMB's and LARS's biases and norms: the plain step, no trust ratio (the rules' own condition)
+    if flags.get("exclude_bias_and_norm") and flags.get("param_ndim", 2) <= 1:  # type: ignore[operator]
+        bits |= _PLAIN_FLAG
     return bits | (_KAHAN_FLAG if kahan else 0)
+
+
+def vector_path() -> str:
+    """Which quantizer the loaded build has: ``avx512``, ``avx2`` or ``portable`` (or why there is no build)."""
+    lib = _library()
+    if isinstance(lib, str):
+        return f"none ({lib})"
+    lib.hf_optim_vector_path.restype = ctypes.c_char_p
+    return lib.hf_optim_vector_path().decode()

@@ -80,7 +80,8 @@ class LAMB(UpdateRule):
             "weight_decay": hp["weight_decay"],
             **moment_coefficients(beta1, beta2),
             "inv_bias_correction1": 1 / (1 - beta1**step) if correct else one,
-            "inv_bias_correction2_sqrt": (1 - beta2**step).rsqrt() if correct else one,
+            "inv_bias_correction2_sqrt": (ibc2_sqrt := (1 - beta2**step).rsqrt() if correct else one),
+            "inv_bias_correction2": ibc2_sqrt.square(),
             "eps": hp["eps"],
         }
 
@@ -103,5 +104,5 @@ class LAMB(UpdateRule):
         scale = trust_ratio(norm(p), norm(r)) * c["lr"]
         # the step recomputes r from m, v, p (written differently so it is not merged with the
         # first r): one more read per element, but no r-sized temporary written, faulted in and read
-        denom = (exp_avg_sq * c["inv_bias_correction2_sqrt"].square()).sqrt() + c["eps"]
+        denom = (exp_avg_sq * c["inv_bias_correction2"]).sqrt() + c["eps"]
         p.sub_((exp_avg * c["inv_bias_correction1"] / denom + p * c["weight_decay"]) * scale)
