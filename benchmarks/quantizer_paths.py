@@ -8,7 +8,7 @@ fourth power): every ``stride``-th fp32 bit pattern in [0, top] (stride 1 is eve
 value), the 9 floats around every level and every midpoint, their negatives
 (signed), NaN, +-Inf and -0, on whole blocks (the vector path) and on ragged blocks
 (the plain C loop). Each code is compared with the count of float64 midpoints
-strictly below ``|x|`` (ties go down; NaN -> 0, Inf -> the top code).
+strictly below ``|x|`` (ties go down; NaN and Inf -> 0, ``blockwise.NAN_INF_POLICY``).
 
 Paths: the build's own flags; ``-mno-avx512f`` (AVX2) and ``-mno-avx2 -mno-avx512f``
 (portable) where the CPU has more; and, where ``aarch64-linux-gnu-gcc`` and
@@ -39,10 +39,10 @@ DRIVER = r"""
 static double mid[255];
 static int n_codes;
 
-/* the exact nearest code of |x| (NaN -> 0, Inf -> top), signed where asked */
+/* the exact nearest code of |x| (NaN and Inf -> 0: blockwise.NAN_INF_POLICY), signed where asked */
 static int exact(float x, int is_signed) {
   double u = fabs((double)x);
-  if (u != u) return 0;
+  if (u != u || u == INFINITY) return 0;
   int c = 0;
   while (c < n_codes && mid[c] < u) ++c;
   return is_signed && signbit(x) ? -c : c;

@@ -119,13 +119,14 @@ static void decode_unsigned(int n, const uint8_t *restrict q, float scale, float
 }
 
 /* Codes of x (signed where ``is_signed``) in a block of largest finite magnitude ``scale``: u = |x| * r
-   in code units, r = N^k / scale (NaN -> 0, Inf -> N^k); the guess g is the nearest code or the one under
+   in code units, r = N^k / scale (NaN and Inf -> 0); the guess g is the nearest code or the one under
    it, and one exact midpoint test, u > m(g), decides (ties go down). The midpoint of c and c + 1
    is c(c + 1) + 1/2 for the square map and (c(c + 1) + 1)^2 - 1/2 for the fourth-power map; the second is tested
    as fl(q^2 - u) < 1/2 with one fused multiply-add, exact because near 1/2 that difference is representable. */
 static inline float code_units(float x, float r, float top) {
-  float u = fabsf(x) * r;
-  u = u > 0.0f ? u : 0.0f; /* NaN -> 0 */
+  float a = fabsf(x);
+  float u = a < INFINITY ? a * r : 0.0f; /* NaN and Inf values store code 0 (blockwise.NAN_INF_POLICY) */
+  u = u > 0.0f ? u : 0.0f;              /* NaN u (0 times the infinite ratio of a subnormal scale) -> 0 */
   return u < top ? u : top;
 }
 
@@ -150,7 +151,9 @@ static inline __m512i quantize16(__m512 x, __m512 r, int is_signed) {
   const __m512i one = _mm512_set1_epi32(1);
   /* min returns its second operand when either is NaN: unsigned, a NaN or 0 u turns the guess into the integer
      indefinite, which the saturating packs store as 0; signed, max(., TINY) makes it TINY first */
-  __m512 u = _mm512_mul_ps(_mm512_abs_ps(x), r);
+  /* NaN and Inf values store code 0 (blockwise.NAN_INF_POLICY): u = 0 where |x| is not below Inf */
+  __m512 a = _mm512_abs_ps(x);
+  __m512 u = _mm512_maskz_mul_ps(_mm512_cmp_ps_mask(a, _mm512_set1_ps(INFINITY), _CMP_LT_OQ), a, r);
   if (is_signed) u = _mm512_max_ps(u, _mm512_set1_ps(TINY));
   u = _mm512_min_ps(top, u);
   __m512 root = _mm512_mul_ps(u, _mm512_rsqrt14_ps(u));
@@ -199,7 +202,9 @@ static inline __m256 rsqrt_refined(__m256 t) {
    operand on NaN; the integer indefinite from a NaN guess saturates to code 0) */
 static inline __m256i quantize8(__m256 x, __m256 r, int is_signed) {
   const __m256 top = _mm256_set1_ps(is_signed ? SIGNED_TOP : UNSIGNED_TOP), half = _mm256_set1_ps(0.5f);
-  __m256 u = _mm256_mul_ps(_mm256_andnot_ps(_mm256_set1_ps(-0.0f), x), r);
+  /* NaN and Inf values store code 0 (blockwise.NAN_INF_POLICY): u = 0 where |x| is not below Inf */
+  __m256 a = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), x);
+  __m256 u = _mm256_and_ps(_mm256_mul_ps(a, r), _mm256_cmp_ps(a, _mm256_set1_ps(INFINITY), _CMP_LT_OQ));
   if (is_signed) u = _mm256_max_ps(u, _mm256_set1_ps(TINY));
   u = _mm256_min_ps(top, u);
   __m256 root = _mm256_mul_ps(u, rsqrt_refined(u));
