@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from .kernels import native
+from .kernels import native, triton_step
 from .rules.base import Buffer, NormFn, UpdateRule
 from .state.base import StateCodec
 from .user_warnings import warn_user
@@ -167,7 +167,7 @@ CPU_BUCKET_SIZES = (1,)
 
 
 #: how a bucket is stepped (``Optimizer(execution=...)`` picks one per bucket, or "auto")
-MODES = ("eager", "compiled", "native")
+MODES = ("eager", "compiled", "native", "triton")
 
 
 class Executor:
@@ -190,6 +190,13 @@ class Executor:
             # the others (e.g. fp32 gradients of bf16 parameters) step eagerly below
             _run_native(config, [item for item in items if item.g.dtype == item.p.dtype], hp)
             items, mode = [item for item in items if item.g.dtype != item.p.dtype], "eager"
+            if not items:
+                return
+        if mode == "triton":  # the kernel advances counters itself; what it cannot take as is steps eagerly
+            taken = [triton_step.accepts(item) for item in items]
+            triton_step.run(config, [item for item, ok in zip(items, taken) if ok], hp)
+            self._write_back([item for item, ok in zip(items, taken) if ok])
+            items, mode = [item for item, ok in zip(items, taken) if not ok], "eager"
             if not items:
                 return
         # every parameter's counter advances once, here, before its step (or its row chunks) runs
