@@ -17,7 +17,12 @@ import triton
 import triton.language as tl
 
 #: storage codes (``STORE`` constexprs): none, fp32, bf16, signed 8-bit (square map), unsigned 8-bit (fourth power)
-NONE, FP32, BF16, SIGNED_8BIT, UNSIGNED_8BIT = 0, 1, 2, 3, 4
+#: (globals a kernel reads must be constexprs: compiled Triton rejects plain ones)
+NONE: tl.constexpr = tl.constexpr(0)
+FP32: tl.constexpr = tl.constexpr(1)
+BF16: tl.constexpr = tl.constexpr(2)
+SIGNED_8BIT: tl.constexpr = tl.constexpr(3)
+UNSIGNED_8BIT: tl.constexpr = tl.constexpr(4)
 #: the code map's root guess bias (``blockwise.GUESS_BIAS``), exact in fp32
 GUESS_BIAS: tl.constexpr = tl.constexpr(1.0 - 2.0**-12)
 
@@ -43,6 +48,13 @@ def to_dtype(x, DTYPE: tl.constexpr):
 
 
 @triton.jit
+def typed(address, DTYPE: tl.constexpr):
+    """An int64 address as a ``DTYPE`` pointer, declared 16-byte aligned (the host checks that it is) so
+    loads and stores through it vectorize."""
+    return tl.multiple_of(address.to(tl.pointer_type(DTYPE)), 16)
+
+
+@triton.jit
 def load_tile(ptr, offs, mask, MASKED: tl.constexpr):
     if MASKED:
         x = tl.load(ptr + offs, mask=mask, other=0)
@@ -64,17 +76,17 @@ def decode(data, scales, offs, blocks, mask, row_mask, like, STORE: tl.constexpr
            SCALE_SIGNED, SCALE_UNSIGNED):
     """A state buffer's fp32 tile from its stored form (``data``/``scales``: int64 addresses)."""
     if STORE == FP32:
-        value = load_tile(data.to(tl.pointer_type(tl.float32)), offs, mask, MASKED)
+        value = load_tile(typed(data, tl.float32), offs, mask, MASKED)
     elif STORE == BF16:
-        value = load_tile(data.to(tl.pointer_type(tl.bfloat16)), offs, mask, MASKED).to(tl.float32)
+        value = load_tile(typed(data, tl.bfloat16), offs, mask, MASKED).to(tl.float32)
     elif STORE == SIGNED_8BIT:
-        q = load_tile(data.to(tl.pointer_type(tl.int8)), offs, mask, MASKED).to(tl.float32)
+        q = load_tile(typed(data, tl.int8), offs, mask, MASKED).to(tl.float32)
         absmax = load_tile(scales.to(tl.pointer_type(tl.float32)), blocks, row_mask, MASKED)
         c = tl.abs(q)
         level = c * c * SCALE_SIGNED  # CodeMap.level: |c|**2 * scale, then the sign
         value = tl.where(q < 0, -level, level) * absmax
     elif STORE == UNSIGNED_8BIT:
-        c = load_tile(data.to(tl.pointer_type(tl.uint8)), offs, mask, MASKED).to(tl.float32)
+        c = load_tile(typed(data, tl.uint8), offs, mask, MASKED).to(tl.float32)
         absmax = load_tile(scales.to(tl.pointer_type(tl.float32)), blocks, row_mask, MASKED)
         square = c * c
         value = square * square * SCALE_UNSIGNED * absmax
@@ -119,15 +131,15 @@ def encode(value, data, scales, offs, blocks, mask, row_mask, STORE: tl.constexp
            TOP_SIGNED, TOP_UNSIGNED):
     """Write a state buffer's fp32 tile back in its stored form."""
     if STORE == FP32:
-        store_tile(data.to(tl.pointer_type(tl.float32)), offs, value, mask, MASKED)
+        store_tile(typed(data, tl.float32), offs, value, mask, MASKED)
     elif STORE == BF16:
-        store_tile(data.to(tl.pointer_type(tl.bfloat16)), offs, to_bf16(value), mask, MASKED)
+        store_tile(typed(data, tl.bfloat16), offs, to_bf16(value), mask, MASKED)
     elif STORE == SIGNED_8BIT:
         c, block_max = quantize(value, mask, TOP_SIGNED, 2, 127, MASKED)
         c = tl.where(value < 0, -c, c)
-        store_tile(data.to(tl.pointer_type(tl.int8)), offs, c.to(tl.int8), mask, MASKED)
+        store_tile(typed(data, tl.int8), offs, c.to(tl.int8), mask, MASKED)
         store_tile(scales.to(tl.pointer_type(tl.float32)), blocks, block_max, row_mask, MASKED)
     elif STORE == UNSIGNED_8BIT:
         c, block_max = quantize(value, mask, TOP_UNSIGNED, 4, 255, MASKED)
-        store_tile(data.to(tl.pointer_type(tl.uint8)), offs, c.to(tl.uint8), mask, MASKED)
+        store_tile(typed(data, tl.uint8), offs, c.to(tl.uint8), mask, MASKED)
         store_tile(scales.to(tl.pointer_type(tl.float32)), blocks, block_max, row_mask, MASKED)

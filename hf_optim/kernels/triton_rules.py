@@ -19,26 +19,38 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_codecs import decode, encode, load_tile, store_tile, to_dtype
+from .triton_codecs import decode, encode, load_tile, store_tile, to_dtype, typed
 
 #: rule indices (``RULE`` constexprs), in ``triton_step.RULES`` order
-ADAMW, LION, SGD, ADAN, RANGER, LAMB, LARS, STABLE_ADAMW = range(8)
+#: (globals a kernel reads must be constexprs: compiled Triton rejects plain ones)
+ADAMW: tl.constexpr = tl.constexpr(0)
+LION: tl.constexpr = tl.constexpr(1)
+SGD: tl.constexpr = tl.constexpr(2)
+ADAN: tl.constexpr = tl.constexpr(3)
+RANGER: tl.constexpr = tl.constexpr(4)
+LAMB: tl.constexpr = tl.constexpr(5)
+LARS: tl.constexpr = tl.constexpr(6)
+STABLE_ADAMW: tl.constexpr = tl.constexpr(7)
 #: launch-table columns: numel, param, grad, kahan, state data x4, block scales x4
-COL_NUMEL, COL_PARAM, COL_GRAD, COL_KAHAN, COL_DATA, COL_SCALES = 0, 1, 2, 3, 4, 8
+COL_NUMEL: tl.constexpr = tl.constexpr(0)
+COL_PARAM: tl.constexpr = tl.constexpr(1)
+COL_GRAD: tl.constexpr = tl.constexpr(2)
+COL_KAHAN: tl.constexpr = tl.constexpr(3)
+COL_DATA: tl.constexpr = tl.constexpr(4)
+COL_SCALES: tl.constexpr = tl.constexpr(8)
 WIDTH: tl.constexpr = tl.constexpr(12)
 BLOCK: tl.constexpr = tl.constexpr(256)
 
 
 @triton.jit
 def address(table, column):
-    """A tensor's address from the launch table, visibly 16-byte aligned (the host checks that it is),
-    so the compiler can vectorize loads from it."""
-    return (tl.load(table + column) // 16) * 16
+    """A tensor's address from the launch table (int64)."""
+    return tl.load(table + column)
 
 
 @triton.jit
 def sign(x):
-    return tl.where(x > 0, 1.0, tl.where(x < 0, -1.0, x * 0.0))
+    return tl.where(x > 0, 1.0, tl.where(x < 0, -1.0, 0.0))  # torch.sign: 0 for NaN too
 
 
 @triton.jit
@@ -187,11 +199,11 @@ def step_body(table, t, coef, n_tensors, sums, pid, start, numel, scale_signed, 
     n = n_tensors
     base = table + t * WIDTH
 
-    p = load_tile(address(base, COL_PARAM).to(tl.pointer_type(PDT)), offs, mask, MASKED).to(tl.float32)
+    p = load_tile(typed(address(base, COL_PARAM), PDT), offs, mask, MASKED).to(tl.float32)
     if KAHAN:
-        kahan_ptr = address(base, COL_KAHAN).to(tl.pointer_type(PDT))
+        kahan_ptr = typed(address(base, COL_KAHAN), PDT)
         p = p + load_tile(kahan_ptr, offs, mask, MASKED).to(tl.float32)
-    g = load_tile(address(base, COL_GRAD).to(tl.pointer_type(GDT)), offs, mask, MASKED).to(tl.float32)
+    g = load_tile(typed(address(base, COL_GRAD), GDT), offs, mask, MASKED).to(tl.float32)
     d0, d1 = address(base, COL_DATA), address(base, COL_DATA + 1)
     d2, d3 = address(base, COL_DATA + 2), address(base, COL_DATA + 3)
     a0, a1 = tl.load(base + COL_SCALES), tl.load(base + COL_SCALES + 1)
@@ -234,13 +246,13 @@ def step_body(table, t, coef, n_tensors, sums, pid, start, numel, scale_signed, 
         encode(s1, d1, a1, offs, blocks, mask, row_mask, S1, MASKED, top_signed, top_unsigned)
         encode(s2, d2, a2, offs, blocks, mask, row_mask, S2, MASKED, top_signed, top_unsigned)
         encode(s3, d3, a3, offs, blocks, mask, row_mask, S3, MASKED, top_signed, top_unsigned)
-        param_ptr = address(base, COL_PARAM).to(tl.pointer_type(PDT))
+        param_ptr = typed(address(base, COL_PARAM), PDT)
         if PDT == tl.float32:
             store_tile(param_ptr, offs, p, mask, MASKED)
         else:
             rounded = to_dtype(p, PDT)
             if KAHAN:  # keep what rounding lost, re-added next step
-                kahan_ptr = address(base, COL_KAHAN).to(tl.pointer_type(PDT))
+                kahan_ptr = typed(address(base, COL_KAHAN), PDT)
                 store_tile(kahan_ptr, offs, to_dtype(p - rounded.to(tl.float32), PDT), mask, MASKED)
             store_tile(param_ptr, offs, rounded, mask, MASKED)
 
