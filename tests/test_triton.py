@@ -237,6 +237,7 @@ def test_engine_chooses_triton_only_where_asked_or_on_cuda(monkeypatch):
         hf_optim.AdamW(with_grad(torch.float64), execution="triton").step()
 
 
+@pytest.mark.slow
 def test_kernels_compile_for_the_gpu_without_one():
     """Triton's real compiler (no device needed) builds every rule's kernel for sm_90: what the interpreter
     cannot show. The PTX must have no fused multiply-adds, only correctly rounded division and square root,
@@ -246,3 +247,23 @@ def test_kernels_compile_for_the_gpu_without_one():
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "all kernels compiled" in result.stdout
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run():
+    """benchmarks/gpu_check.py runs its every section on CPU at tiny sizes, so the device script cannot rot."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--dry-run"], env=env,
+                            capture_output=True, text=True, timeout=600, cwd=ROOT)
+    out = result.stdout
+    assert result.returncode == 0, out[-4000:] + result.stderr[-4000:]
+    verdicts = next(line for line in out.splitlines() if line.startswith("== verdicts:"))
+    assert "FAIL" not in verdicts and verdicts.count("PASS") == 5, verdicts
+    table = out[out.index("== step time"):].splitlines()[2:]
+    for rule in ("adamw", "lion", "sgd", "adan", "ranger", "lamb", "lars", "stableadamw"):
+        for state in ("fp32", "8bit"):
+            for layout in ("1 tensor", "Llama list"):
+                assert any(line.split()[:2] == ["hf", rule] and f" {state} " in line and layout in line
+                           for line in table), (rule, state, layout, table)
+    assert sum("torch AdamW fused" in line for line in table) == 2
+    assert "skipped: " in out and "bitsandbytes" in out  # what it could not run is said
