@@ -24,15 +24,31 @@ from pathlib import Path
 import pytest
 import torch
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (kernels are decorated on import)
-triton = pytest.importorskip("triton")
+# the kernels are interpreted if TRITON_INTERPRET=1 when they are defined; the setting is then put back (and
+# set again around each test here), so the rest of the suite and its subprocesses never see it
+_saved = os.environ.get("TRITON_INTERPRET")
+os.environ["TRITON_INTERPRET"] = "1"
+try:
+    triton = pytest.importorskip("triton")
+    from hf_optim.kernels import triton_rules  # noqa: F401
+finally:
+    if _saved is None:
+        del os.environ["TRITON_INTERPRET"]
+    else:
+        os.environ["TRITON_INTERPRET"] = _saved
 
 import hf_optim  # noqa: E402
 from hf_optim.kernels import triton_step  # noqa: E402
 from hf_optim.kernels.triton_step import RULES  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.skipif(not triton_step.interpreting(), reason="TRITON_INTERPRET was set to 0")
+pytestmark = pytest.mark.skipif(not triton_step.interpreting(), reason="triton was imported before, not interpreted")
+
+
+@pytest.fixture(autouse=True)
+def interpreter(monkeypatch):
+    """Triton also reads TRITON_INTERPRET when a kernel runs: set for these tests only."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 #: non-default hyperparameters per rule (a decay or beta left at its default can hide a bug)
 HP = {
@@ -217,7 +233,7 @@ def test_paged_state_steps_as_on_device(tmp_path):
     assert_same(paged, device, exact_params=True)
 
 
-def test_engine_chooses_triton_only_where_asked_or_on_cuda(monkeypatch):
+def test_engine_chooses_triton_only_where_asked_or_on_cuda():
     def with_grad(dtype=torch.float32):
         p = torch.randn(64, 64, dtype=dtype)
         p.grad = torch.randn(64, 64, dtype=dtype)
@@ -229,12 +245,26 @@ def test_engine_chooses_triton_only_where_asked_or_on_cuda(monkeypatch):
     triton_opt = hf_optim.AdamW(with_grad(), execution="triton")
     triton_opt.step()
     assert list(triton_opt._modes.values()) == ["triton"]
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with pytest.raises(ValueError, match=r"Invalid execution: 'triton' for AdamW: the triton kernel runs on CUDA"):
-        hf_optim.AdamW(with_grad(), execution="triton").step()
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
     with pytest.raises(ValueError, match=r"Invalid execution: 'triton' for AdamW: .*not torch.float64"):
         hf_optim.AdamW(with_grad(torch.float64), execution="triton").step()
+
+
+def test_triton_on_cpu_without_the_interpreter_is_a_clear_error():
+    code = (
+        "import torch\n"
+        "from hf_optim.optimizers import AdamW\n"
+        "p = torch.randn(8); p.grad = torch.randn(8)\n"
+        "try:\n"
+        "    AdamW([p], execution='triton').step()\n"
+        "except ValueError as err:\n"
+        "    print(err)\n"
+        "assert 'hf_optim.kernels.triton_rules' not in __import__('sys').modules  # no kernel was defined\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Invalid execution: 'triton' for AdamW: the triton kernel runs on CUDA (on CPU only under " \
+           "TRITON_INTERPRET=1, for tests)" in result.stdout
 
 
 @pytest.mark.slow

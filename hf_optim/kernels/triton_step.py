@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -90,7 +91,11 @@ _CACHE_LIMIT = 64
 
 
 def interpreting() -> bool:
-    """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    """Whether the kernels run in Triton's CPU interpreter: decided when they are defined (``triton.jit`` reads
+    ``TRITON_INTERPRET=1`` then), so once they are, by what they are; before, by the environment."""
+    rules = sys.modules.get(f"{__package__}.triton_rules")
+    if rules is not None:
+        return type(rules.step_kernel).__name__ == "InterpretedFunction"
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
