@@ -67,7 +67,7 @@ CLASSES = {
 }
 #: one bucket: a ragged size over two tiles (one masked), a whole-block matrix, a small vector (biases)
 SHAPES = [(1317,), (6, 256), (300,)]
-STEPS = 4
+STEPS = 3
 
 
 def gradients(shapes, steps, seed=0, poison=False, dtype=torch.float32):
@@ -297,3 +297,30 @@ def test_gpu_check_dry_run():
                            for line in table), (rule, state, layout, table)
     assert sum("torch AdamW fused" in line for line in table) == 2
     assert "skipped: " in out and "bitsandbytes" in out  # what it could not run is said
+
+
+@pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
+def test_quantizer_root_guess_tolerates_a_fast_square_root(signed):
+    """On a GPU the kernel's root guess uses the fast (approximate) square root. Its bias, 2**-12, must keep the
+    answer exact for any root off by far more than that square root's error (~2**-22): here every square root is
+    off by +-2**-16, at the midpoints between levels (the hard cases) and at random code units, and the code is
+    still the exact nearest level (brute force)."""
+    from helpers import exact_nearest
+
+    from hf_optim.state.blockwise import EIGHT_BIT, GUESS_BIAS
+
+    cmap = EIGHT_BIT.signed_map if signed else EIGHT_BIT.unsigned_map
+    c = torch.arange(cmap.levels, dtype=torch.float64)
+    midpoints = ((c**cmap.power + (c + 1) ** cmap.power) / 2).float()
+    near = torch.cat([midpoints, *(torch.nextafter(midpoints, torch.tensor(d)) for d in (0.0, float(cmap.top)))])
+    u = torch.cat([near, torch.rand(1 << 16, generator=torch.Generator().manual_seed(0)) * cmap.top,
+                   torch.tensor([0.0, cmap.top])])
+    expected = exact_nearest(cmap, u).float()
+    for error in (1 + 2.0**-16, 1 - 2.0**-16):
+        def fast_sqrt(x, error=error):
+            return x.sqrt() * error
+
+        root = fast_sqrt(u) if cmap.power == 2 else fast_sqrt(fast_sqrt(u))
+        g = (root * GUESS_BIAS).floor().clamp(0, cmap.levels - 1)
+        code = g + cmap.above_midpoint(u, g).float() + cmap.above_midpoint(u, g + 1).float()
+        assert torch.equal(code, expected), (error, (code != expected).sum())

@@ -33,6 +33,7 @@ same kernels on CPU tensors: that is how the tests check them against eager.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import sys
@@ -149,9 +150,10 @@ def accepts(item: StepItem) -> bool:
     with a gradient it reads (anything else steps eagerly, unchanged)."""
     device = item.p.device
     tensors = [item.p, item.g, *(value for key, value in item.state.items() if key != "step")]
-    return item.g.dtype in _DTYPES and item.g.numel() == item.p.numel() and all(
-        t.device == device and t.is_contiguous() and t.data_ptr() % ALIGNMENT == 0 for t in tensors
-    )
+    kahan = item.state.get(_kahan_key())
+    return (item.g.dtype in _DTYPES and item.g.numel() == item.p.numel()
+            and (kahan is None or kahan.dtype == item.p.dtype)
+            and all(t.device == device and t.is_contiguous() and t.data_ptr() % ALIGNMENT == 0 for t in tensors))
 
 
 def run(config: StepConfig, items: list[StepItem], hp: dict[str, Tensor]) -> None:
@@ -201,54 +203,68 @@ def _cached(cache: dict, key: tuple, build: Any) -> Any:
 
 
 def _step(config: StepConfig, items: list[StepItem], hp: dict[str, Tensor]) -> None:
-    from . import triton_rules  # imports triton: only once a kernel runs
-
-    rule, flags = config.rule, dict(config.flags)
-    index, names = RULES[rule.name]
+    """One bucket sharing a gradient dtype: one launch (two for LAMB and StableAdamW's norms)."""
     device = items[0].p.device
-    stores = [storage_code(buffer, codec) for buffer, codec in config.codecs]
-    keys = [codec.keys(buffer) for buffer, codec in config.codecs]
-    rows = []
-    for item in items:
-        state = item.state
-        row = [item.p.numel(), item.p.data_ptr(), item.g.data_ptr(),
-               state[_kahan_key()].data_ptr() if config.kahan else 0]
-        row += [state[k[0]].data_ptr() for k in keys] + [0] * (MAX_BUFFERS - len(keys))
-        row += [state[k[1]].data_ptr() if len(k) > 1 else 0 for k in keys] + [0] * (MAX_BUFFERS - len(keys))
-        rows.append(row)
-    numels = tuple(row[0] for row in rows)
-    shape = _cached(_shapes, (device, numels), lambda: _Shape(numels, device))
-    flat = tuple(v for row in rows for v in row)
-    table = _cached(_tables, (device, flat), lambda: _to_device(torch.tensor(flat, dtype=torch.int64), device))
-
-    steps = torch.stack([item.state["step"] for item in items])
-    c = rule.coefficients(hp, steps, flags)
-    columns = [torch.broadcast_to(torch.as_tensor(c[name], dtype=torch.float32, device=device), steps.shape)
-               for name in names]
-    f0, f1, layer_wise = _kernel_flags(rule.name, flags)
-    stores += [_STORE_NONE] * (MAX_BUFFERS - len(stores))
-    s_map, u_map = EIGHT_BIT.signed_map, EIGHT_BIT.unsigned_map
-
-    def launch(coef: Tensor, sums: Tensor, pass_: int) -> None:
-        options = {} if interpreting() else {"num_warps": NUM_WARPS}
-        triton_rules.step_kernel[(shape.programs,)](
-            table, shape.tensor_of_program, shape.first_program, coef, len(items), sums,
-            s_map.scale, u_map.scale, s_map.top, u_map.top,
-            RULE=index, S0=stores[0], S1=stores[1], S2=stores[2], S3=stores[3],
-            PDT=_tl_dtype(config.param_dtype), GDT=_tl_dtype(items[0].g.dtype), KAHAN=config.kahan,
-            F0=f0, F1=f1, PASS=pass_, ROWS=ROWS, enable_fp_fusion=False, **options,
-        )
-
-    if shape.programs == 0:
+    shape, table = _launch_tables(config, items, device)
+    if shape.programs == 0:  # only empty tensors
         return
+    rule, flags = config.rule, dict(config.flags)
+    steps = torch.stack([item.state["step"] for item in items])
+    c = rule.coefficients(hp, steps, flags)  # one column per tensor: parameters may be at different steps
+    columns = [torch.broadcast_to(torch.as_tensor(c[name], dtype=torch.float32, device=device), steps.shape)
+               for name in RULES[rule.name][1]]
+    f0, f1, layer_wise = _kernel_flags(rule.name, flags)
+    constants = _constants(config, items[0].g.dtype, f0, f1)
     if layer_wise and rule.name == "lars":  # norms of the inputs: the rule's norm on them, in torch, as eager
         columns += _layer_factors(rule.name, c, _input_norms(config, items), None)
     elif layer_wise:
         sums = torch.empty((shape.programs, 2), dtype=torch.float32, device=device)
-        launch(torch.stack(columns).contiguous(), sums, 1)
+        _launch(shape, table, torch.stack(columns).contiguous(), sums, constants, 1)
         columns += _layer_factors(rule.name, c, _norms(config, shape, sums), _ones_norms(config, shape))
     coef = torch.stack(columns).contiguous()
-    launch(coef, coef, 0)
+    _launch(shape, table, coef, coef, constants, 0)
+
+
+def _launch_tables(config: StepConfig, items: list[StepItem], device: torch.device) -> tuple[_Shape, Tensor]:
+    """The bucket's program map (cached by sizes) and its launch table of addresses (cached by addresses)."""
+    keys = [codec.keys(buffer) for buffer, codec in config.codecs]
+    pad = [0] * (MAX_BUFFERS - len(keys))
+    kahan_key = _kahan_key()
+    flat: list[int] = []
+    for item in items:
+        state = item.state
+        flat += [item.p.numel(), item.p.data_ptr(), item.g.data_ptr(),
+                 state[kahan_key].data_ptr() if config.kahan else 0]
+        flat += [state[k[0]].data_ptr() for k in keys] + pad
+        flat += [state[k[1]].data_ptr() if len(k) > 1 else 0 for k in keys] + pad
+    numels = tuple(flat[:: len(COLUMNS)])
+    shape = _cached(_shapes, (device, numels), lambda: _Shape(numels, device))
+    key = (device, *flat)
+    table = _cached(_tables, key, lambda: _to_device(torch.tensor(flat, dtype=torch.int64), device))
+    return shape, table
+
+
+def _constants(config: StepConfig, grad_dtype: torch.dtype, f0: bool, f1: bool) -> dict[str, Any]:
+    """The kernel's compile-time arguments for this configuration (one compiled kernel each)."""
+    stores = [storage_code(buffer, codec) for buffer, codec in config.codecs]
+    stores += [_STORE_NONE] * (MAX_BUFFERS - len(stores))
+    return {"RULE": RULES[config.rule.name][0], "S0": stores[0], "S1": stores[1], "S2": stores[2],
+            "S3": stores[3], "PDT": _tl_dtype(config.param_dtype), "GDT": _tl_dtype(grad_dtype),
+            "KAHAN": config.kahan, "F0": f0, "F1": f1, "ROWS": ROWS}
+
+
+def _launch(shape: _Shape, table: Tensor, coef: Tensor, sums: Tensor, constants: dict[str, Any], pass_: int) -> None:
+    from . import triton_rules  # imports triton: only once a kernel runs
+
+    s_map, u_map = EIGHT_BIT.signed_map, EIGHT_BIT.unsigned_map
+    options = {} if interpreting() else {"num_warps": NUM_WARPS}
+    device = table.device
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():  # the tensors' GPU
+        triton_rules.step_kernel[(shape.programs,)](
+            table, shape.tensor_of_program, shape.first_program, coef, coef.shape[1], sums,
+            s_map.scale, u_map.scale, s_map.top, u_map.top, PASS=pass_, enable_fp_fusion=False,
+            **constants, **options,
+        )
 
 
 def _kernel_flags(rule: str, flags: Mapping[str, Any]) -> tuple[bool, bool, bool]:
