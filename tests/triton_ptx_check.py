@@ -30,12 +30,14 @@ SIGNATURE = {"table": "*i64", "tensor_of_program": "*i32", "first_program": "*i3
              "n_tensors": "i32", "sums": "*fp32", "scale_signed": "fp32", "scale_unsigned": "fp32",
              "top_signed": "fp32", "top_unsigned": "fp32"}
 FP32, BF16, S8, U8 = 1, 2, 3, 4
-#: (rule, storage per buffer, param dtype, kahan, F0, F1, pass)
+#: (rule, storage per buffer, param dtype, kahan, F0, F1, pass[, grad dtype if not the param's])
 CONFIGS = [
     ("adamw", (FP32, FP32), tl.float32, False, False, False, 0),
     ("adamw", (S8, U8), tl.bfloat16, True, False, False, 0),
     ("adamw", (BF16, BF16, BF16), tl.float32, False, True, True, 0),
+    ("adamw", (S8, U8), tl.bfloat16, True, False, False, 0, tl.float32),
     ("lion", (S8,), tl.bfloat16, True, False, False, 0),
+    ("lion", (BF16,), tl.float16, True, False, False, 0),
     ("sgd", (S8,), tl.float32, False, True, True, 0),
     ("adan", (S8, S8, U8, S8), tl.bfloat16, True, False, False, 0),
     ("ranger", (S8, U8, FP32), tl.bfloat16, True, False, False, 0),
@@ -49,10 +51,11 @@ CONFIGS = [
 
 def main() -> int:
     failures = []
-    for rule, stores, pdt, kahan, f0, f1, pass_ in CONFIGS:
+    for rule, stores, pdt, kahan, f0, f1, pass_, *gdt in CONFIGS:
         stores = (*stores, *(0,) * (4 - len(stores)))
+        gdt = gdt[0] if gdt else pdt
         constants = {"RULE": RULES[rule][0], "S0": stores[0], "S1": stores[1], "S2": stores[2], "S3": stores[3],
-                     "PDT": pdt, "GDT": pdt, "KAHAN": kahan, "F0": f0, "F1": f1, "PASS": pass_, "ROWS": ROWS}
+                     "PDT": pdt, "GDT": gdt, "KAHAN": kahan, "F0": f0, "F1": f1, "PASS": pass_, "ROWS": ROWS}
         source = ASTSource(fn=triton_rules.step_kernel, signature={**SIGNATURE, **{k: "constexpr" for k in constants}},
                            constexprs=constants)
         start = time.perf_counter()
@@ -67,7 +70,7 @@ def main() -> int:
             "sqrt.approx": len(re.findall(r"\bsqrt\.approx\.", ptx)),  # the quantizer's root guess only
             "v4 loads": len(re.findall(r"ld\.global[.\w]*\.v4\.", ptx)),
         }
-        name = f"{rule} {stores} {pdt} kahan={kahan} flags={f0},{f1} pass={pass_}"
+        name = f"{rule} {stores} {pdt} (grads {gdt}) kahan={kahan} flags={f0},{f1} pass={pass_}"
         print(f"{name}: {seconds:.1f}s {counts}")
         needs_sqrt = rule not in ("lion", "sgd", "lars")  # the rules whose math has a square root
         if counts["fma"] or counts["approx div"] or (needs_sqrt and not counts["sqrt.rn"]) or not counts["v4 loads"]:
