@@ -41,10 +41,23 @@ if DRY:
 if "--keep-triton-cache" not in sys.argv:
     os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="hf_optim_triton_")  # a cold start is cold
 
+import importlib  # noqa: E402
+import types  # noqa: E402
+
 import torch  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_paged import load_hf_optim  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_hf_optim():
+    """``hf_optim.optimizers`` and ``hf_optim.state`` without ``hf_optim/__init__`` (which imports transformers,
+    which a GPU machine may not have)."""
+    if "hf_optim" not in sys.modules:
+        package = types.ModuleType("hf_optim")
+        package.__path__ = [str(ROOT / "hf_optim")]
+        sys.modules["hf_optim"] = package
+    return importlib.import_module("hf_optim.optimizers"), importlib.import_module("hf_optim.state")
+
 
 optimizers, state_pkg = load_hf_optim()
 DEV = torch.device("cpu" if DRY else "cuda")

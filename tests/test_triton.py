@@ -7,10 +7,13 @@ bucket of ragged and whole-block tensors (whole and masked tiles, several
 tensors per launch) with non-default hyperparameters, and every state tensor
 must equal the eager step's bit for bit; parameters too, up to the last-place
 differences the coefficient math and (LAMB, LARS, StableAdamW) the norms'
-summation order allow. Plus: NaN/Inf gradients in 8-bit blocks, parameters at
-different step counts in one launch, mixed gradient dtypes, a strided
-parameter, the engine's choice of mode and its errors, and the device
-script's dry run.
+summation order allow. Plus: NaN/Inf gradients in 8-bit blocks, structural
+flags, parameters at different step counts in one launch, mixed gradient and
+fp16 parameter dtypes, strided and misaligned parameters, paged state, the
+engine's choice of mode and its errors; what only a compiler shows (every
+rule's kernel built for sm_90, its PTX checked: ``triton_ptx_check.py``); the
+quantizer's tolerance of the GPU's fast square root; and the device script's
+dry run.
 """
 
 from __future__ import annotations
