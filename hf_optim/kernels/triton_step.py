@@ -1,4 +1,4 @@
-"""The CUDA step: one Triton launch per bucket of parameters (two for LAMB, LARS, StableAdamW).
+"""The CUDA step: one Triton launch per bucket of parameters (two for LAMB and StableAdamW).
 
 ``execution="triton"`` (and ``"auto"`` on CUDA, where it applies) steps every
 parameter of one configuration with a single multi-tensor launch of
@@ -8,15 +8,16 @@ launch table (one row of addresses per tensor, ``COLUMNS``) and a map from
 program to tensor; both are cached (by addresses and by sizes), so a steady
 training loop copies nothing to the device but what changed.
 
-No host syncs and no recompiles: step counters are advanced on the device,
+No host syncs here and no recompiles: step counters are advanced on the device,
 and the rule's ``coefficients`` are evaluated in torch on the stacked counters
 of the bucket (one column per tensor, so parameters at different step counts
 share a launch); learning rate and betas are 0-d device tensors read by the
 kernel. The kernel is compiled once per (rule, storage, dtype) configuration.
 
-LAMB and StableAdamW need whole-tensor norms of what the step computes: a first launch (``PASS=1``) writes
-per-tile sums of squares of what the rule takes norms of (recomputing the new
-moments, writing nothing else), torch turns them into per-tensor factors (the
+LAMB and StableAdamW need whole-tensor norms of what the step computes: a
+first launch (``PASS=1``) writes per-tile sums of squares of what the rule
+takes norms of (recomputing the new moments, writing nothing else), torch
+turns them (in float64, by segment) into per-tensor factors (the
 trust ratio, the clipped lr) through the configuration's ``norm``, and the
 second launch is the elementwise step. LARS takes norms of its inputs only
 (parameter, gradient): those are the rule's ``norm`` on them in torch, as in
@@ -83,7 +84,7 @@ MAX_BUFFERS = 4
 ROWS = 4
 TILE = ROWS * 256
 NUM_WARPS = 4
-#: the addresses the kernel reads must be 16-byte aligned (it rounds them, so loads vectorize)
+#: the addresses the kernel reads must be 16-byte aligned (it declares them so, and its loads vectorize)
 ALIGNMENT = 16
 _STORE_NONE, _STORE_FP32, _STORE_BF16, _STORE_SIGNED_8BIT, _STORE_UNSIGNED_8BIT = range(5)
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
