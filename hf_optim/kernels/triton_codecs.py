@@ -25,6 +25,11 @@ SIGNED_8BIT: tl.constexpr = tl.constexpr(3)
 UNSIGNED_8BIT: tl.constexpr = tl.constexpr(4)
 #: the code map's root guess bias (``blockwise.GUESS_BIAS``), exact in fp32
 GUESS_BIAS: tl.constexpr = tl.constexpr(1.0 - 2.0**-12)
+#: the combine functions of ``tl.max`` and ``tl.sum``, taken by ``tl.reduce`` directly: ``tl.max``/``tl.sum`` are
+#: themselves jit functions, compiled (not interpretable) if triton was imported before TRITON_INTERPRET=1 was set,
+#: while the interpreter recognizes these combine functions and reduces with NumPy
+MAX_COMBINE = tl.standard._elementwise_max
+SUM_COMBINE = tl.standard._sum_combine
 
 
 @triton.jit
@@ -115,8 +120,9 @@ def quantize(value, mask, top, POWER: tl.constexpr, LEVELS: tl.constexpr, MASKED
     finite = tl.where(magnitude < float("inf"), magnitude, 0.0)  # NaN and Inf fail `< inf`
     if MASKED:
         finite = tl.where(mask, finite, 0.0)
-    block_max = tl.max(finite, axis=1)[:, None]
-    u = magnitude * tl.div_rn(top + tl.zeros_like(block_max), tl.where(block_max > 0, block_max, 1.0))
+    block_max = tl.reduce(finite, 1, MAX_COMBINE)[:, None]
+    top_like = block_max * 0.0 + top  # (block_max is finite: exactly top; tl.full_like is a jit function too)
+    u = magnitude * tl.div_rn(top_like, tl.where(block_max > 0, block_max, 1.0))
     u = tl.where(u >= 0.0, tl.where(u < top, u, top), 0.0)  # +-Inf saturate, NaN becomes 0
     # the root only guesses: the bias (2**-12) dwarfs the fast square root's error (about 2**-22 relative),
     # so g stays the code below u or the one under it, and the exact midpoint tests decide as in eager

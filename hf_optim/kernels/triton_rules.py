@@ -19,7 +19,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_codecs import decode, encode, load_tile, store_tile, to_dtype, typed
+from .triton_codecs import SUM_COMBINE, decode, encode, load_tile, store_tile, to_dtype, typed
 
 #: rule indices (``RULE`` constexprs), in ``triton_step.RULES`` order
 #: (globals a kernel reads must be constexprs: compiled Triton rejects plain ones)
@@ -223,8 +223,8 @@ def step_body(table, t, coef, n_tensors, sums, pid, start, numel, scale_signed, 
             x1 = x0
         if MASKED:
             x0, x1 = tl.where(mask, x0, 0.0), tl.where(mask, x1, 0.0)
-        tl.store(sums + 2 * pid, tl.sum(tl.sum(x0, axis=1), axis=0))
-        tl.store(sums + 2 * pid + 1, tl.sum(tl.sum(x1, axis=1), axis=0))
+        tl.store(sums + 2 * pid, tl.reduce(tl.reduce(x0, 1, SUM_COMBINE), 0, SUM_COMBINE))
+        tl.store(sums + 2 * pid + 1, tl.reduce(tl.reduce(x1, 1, SUM_COMBINE), 0, SUM_COMBINE))
     else:
         if RULE == ADAMW:
             p, s0, s1, s2 = adamw_update(p, g, s0, s1, s2, c, n, F0, F1)
