@@ -29,7 +29,7 @@ from .execution import (
     local_norm,
     working_item,
 )
-from .kernels import native
+from .kernels import native, triton_step
 from .plan import EXECUTOR, MODES, compiler_available
 from .rules.base import Buffer, UpdateRule
 from .state import (
@@ -71,8 +71,10 @@ class Optimizer(torch.optim.Optimizer):
         execution: ``"eager"`` (reference), ``"compiled"`` (torch.compile, one fused
             kernel per parameter), ``"native"`` (the hand-written CPU kernel of
             ``hf_optim.kernels``: AdamW, Lion, SGD, Adan, Ranger; fp32 or 8-bit state, fp32 or bf16
-            parameters) or ``"auto"``: native where it applies, else compiled for
-            models of 1M+ elements when a compiler is present, else eager.
+            parameters), ``"triton"`` (the multi-tensor Triton kernel of
+            ``hf_optim.kernels.triton_step`` on CUDA: every rule, fp32/bf16/8-bit state, fp32/bf16/fp16
+            parameters) or ``"auto"``: triton on CUDA and native on CPU where they apply, else
+            compiled for models of 1M+ elements when a compiler is present, else eager.
         placement: where state lives between steps: ``"device"`` (beside the parameter)
             or another registered placement (``"paged"``).
         paged_budget: with ``placement="paged"``: bytes of state kept beside the parameters
@@ -296,6 +298,12 @@ class Optimizer(torch.optim.Optimizer):
         if mode is None:
             if self.execution in ("eager", "compiled"):
                 mode = self.execution
+            elif self.execution == "triton" or (self.execution == "auto" and device.type == "cuda"):
+                why = triton_step.unsupported(config.rule, config.codecs, dict(config.flags), config.param_dtype,
+                                              device)
+                if why is not None and self.execution == "triton":
+                    raise ValueError(f"Invalid execution: 'triton' for {type(self).__name__}: {why}")
+                mode = "triton" if why is None else "compiled" if self._compiled else "eager"
             else:
                 why = native.unsupported(config.rule, config.codecs, dict(config.flags), config.param_dtype, device)
                 if why is None:

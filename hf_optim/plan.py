@@ -52,11 +52,11 @@ from .execution import (
     working_item,
     working_layout,
 )
-from .kernels import native
+from .kernels import native, triton_step
 from .user_warnings import warn_user
 
 #: how a bucket is stepped (``Optimizer(execution=...)`` picks one per configuration, or "auto")
-MODES = ("eager", "compiled", "native")
+MODES = ("eager", "compiled", "native", "triton")
 
 #: compiled calls take buckets of these sizes (largest first), so a group of any
 #: size needs at most this many graphs and pays Python/guard overhead per bucket
@@ -201,6 +201,21 @@ class NativeBackend:
             torch.autograd.graph.increment_version(params)
 
 
+class TritonBackend:
+    """The CUDA step (``hf_optim.kernels.triton_step``): one multi-tensor launch per bucket (two for LAMB and
+    StableAdamW's norms). Takes an item whose tensors are contiguous, aligned and on the parameter's device."""
+
+    name = "triton"
+
+    def accepts(self, config: StepConfig, item: StepItem) -> str | None:
+        if triton_step.accepts(item):
+            return None
+        return "a tensor is not contiguous and aligned on the parameter's device, or its gradient dtype is not taken"
+
+    def run(self, config: StepConfig, items: list[StepItem], hp: dict[str, Tensor]) -> None:
+        triton_step.run(config, items, hp)
+
+
 #: id(config) -> (config, storage codes, state keys): by id, as a StepConfig hashes its nested tuples on every
 #: lookup (accepts runs per parameter per step); the config is kept so its id stays its own
 _NATIVE_LAYOUTS: dict[int, tuple[StepConfig, list[int] | None, list[str]]] = {}
@@ -230,6 +245,7 @@ class Executor:
         self.eager = EagerBackend()
         self.backends: dict[str, Backend] = {
             "eager": self.eager, "compiled": CompiledBackend(self.eager), "native": NativeBackend(),
+            "triton": TritonBackend(),
         }
 
     def run(self, mode: str, config: StepConfig, items: list[StepItem], hp: dict[str, Tensor]) -> None:

@@ -28,7 +28,7 @@ BAD_INPUTS = [
     ({"amsgrad": "no"}, ValueError, "Invalid amsgrad value: 'no' \\(expected True or False\\)"),
     ({"maximize": 1}, ValueError, "Invalid maximize value: 1"),
     ({"state_precision": "int3"}, ValueError, "Invalid state_precision: 'int3' \\(allowed: .*fp32"),
-    ({"execution": "jit"}, ValueError, "Invalid execution: 'jit' \\(allowed: auto, eager, compiled, native\\)"),
+    ({"execution": "jit"}, ValueError, "Invalid execution: 'jit' \\(allowed: auto, eager, compiled, native, triton\\)"),
     ({"placement": "moon"}, ValueError, "Invalid placement: 'moon'"),
     ({"foreach": True}, TypeError, "unexpected keyword argument.*'foreach'.*valid: .*lr"),
     ({"fused": True}, TypeError, "'fused'"),
