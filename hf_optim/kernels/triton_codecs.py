@@ -123,7 +123,8 @@ def quantize(value, mask, top, POWER: tl.constexpr, LEVELS: tl.constexpr, MASKED
     block_max = tl.reduce(finite, 1, MAX_COMBINE)[:, None]
     top_like = block_max * 0.0 + top  # (block_max is finite: exactly top; tl.full_like is a jit function too)
     u = magnitude * tl.div_rn(top_like, tl.where(block_max > 0, block_max, 1.0))
-    u = tl.where(u >= 0.0, tl.where(u < top, u, top), 0.0)  # +-Inf saturate, NaN becomes 0
+    u = tl.where(u >= 0.0, tl.where(u < top, u, top), 0.0)  # a large u saturates, a NaN u becomes 0
+    u = tl.where(magnitude < float("inf"), u, 0.0)  # NaN and +-Inf values store code 0 (NAN_INF_POLICY)
     # the root only guesses: the bias (2**-12) dwarfs the fast square root's error (about 2**-22 relative),
     # so g stays the code below u or the one under it, and the exact midpoint tests decide as in eager
     root = tl.sqrt(u)

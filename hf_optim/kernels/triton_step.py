@@ -213,8 +213,9 @@ def _step(config: StepConfig, items: list[StepItem], hp: dict[str, Tensor]) -> N
     # float64 scalar math rounded once to fp32 (as execution.scalar_coefficients)
     steps = torch.stack([item.state["step"] for item in items]).to(torch.float64)
     c = rule.coefficients(hp, steps, flags)  # one column per tensor: parameters may be at different steps
-    columns = [torch.broadcast_to(torch.as_tensor(c[name], dtype=torch.float32, device=device), steps.shape)
-               for name in RULES[rule.name][1]]
+    c = {name: torch.broadcast_to(torch.as_tensor(value, device=device).to(torch.float32), steps.shape)
+         for name, value in c.items()}
+    columns = [c[name] for name in RULES[rule.name][1]]
     f0, f1, layer_wise = _kernel_flags(rule.name, flags)
     constants = _constants(config, items[0].g.dtype, f0, f1)
     if layer_wise and rule.name == "lars":  # norms of the inputs: the rule's norm on them, in torch, as eager
