@@ -107,6 +107,8 @@ def draw(seed: int, executions: tuple[str, ...]) -> Case:
     reload = rng.choice([None, None, "same", "fp32", "8bit", "bf16"])
     if reload == "8bit" and dtype == torch.float64:
         reload = "same"
+    if reload == "bf16" and execution == "native":
+        reload = "fp32"  # native kernels store fp32 or 8-bit state; bf16 state is refused at the first step
     return Case(seed, rule, storage, rng.choice(["device", "device", "paged"]), execution, dtype, layouts,
                 rng.choice(GRAD_PATTERNS), hyperparameters(rule, rng), reload)
 

@@ -116,7 +116,9 @@ def test_a_cache_others_can_write_is_never_loaded_from(tmp_path):
 
 
 @pytest.mark.parametrize(("source", "reason"), [
-    ("int hf_optim_step(void) { return 0; }\n", "failed its known-answer self-check"),  # "succeeds", changes nothing
+    # every entry point "succeeds" and changes nothing
+    ("int hf_optim_step(void) { return 0; }\nint hf_optim_step_items(void) { return 0; }\n"
+     "int hf_optim_norms(void) { return 0; }\n", "failed its known-answer self-check"),
     ("int something_else(void) { return 0; }\n", "undefined symbol: hf_optim_step"),  # loads, has no kernel
 ], ids=["computes-nothing", "no-kernel"])
 def test_a_wrong_library_is_rebuilt_once_then_never_steps(source, reason, tmp_path):

@@ -39,6 +39,7 @@ SKIPPED = {
     "jupyter execute": "tests/test_notebooks.py executes both notebooks",
     ".venv/bin/python benchmarks/": "benchmarks (minutes each), not tests",
     "python benchmarks/gpu_paged.py": "needs a CUDA machine",
+    "python benchmarks/gpu_check.py": "needs a CUDA machine; tests/test_triton.py runs its --dry-run",
 }
 
 _CLM_TINY = ["--max_steps", "2", "--warmup_steps", "1", "--eval_steps", "2", "--hidden_size", "32",
