@@ -162,16 +162,39 @@ class NativeBackend:
 
     name = "native"
 
+    def __init__(self) -> None:
+        # id(state dict) -> (its tensors as last checked, their ``_version``s, the parameter's numel, dtype and
+        # config, its step counter): a state passes again without its per-tensor checks (most of a small
+        # tensor's step) until a tensor is replaced or changed in place (resize_, set_, t_ bump ``_version``);
+        # the parameter and gradient are checked every step
+        self._checked: dict[int, tuple] = {}
+
     def accepts(self, config: StepConfig, item: StepItem) -> str | None:
         storage, keys = _native_layout(config)
         if storage is None:
             return "the configuration has no native kernel"
+        state = item.state
         try:
-            states = [item.state[key] for key in keys]
-            kahan = item.state[KAHAN_KEY] if config.kahan else None
+            states = [state[key] for key in keys]
+            kahan = state[KAHAN_KEY] if config.kahan else None
         except KeyError as err:
             return f"its state lacks {err.args[0]!r}"
-        return native.item_unsupported(item.p, item.g, states, kahan, item.state["step"], storage)
+        p, g, counter = item.p, item.g, state["step"]
+        tensors = (*states, kahan) if kahan is not None else tuple(states)
+        versions = tuple(t._version for t in tensors)  # (the counter's moves every step: identity only)
+        numel = p.numel()
+        signature = (numel, p.dtype, id(config))
+        cached = self._checked.get(id(state))
+        if (cached is not None and cached[1] == versions and cached[2] == signature
+                and cached[3] is counter and all(a is b for a, b in zip(cached[0], tensors))
+                and native.dense_cpu(p, p.dtype, numel) and native.dense_cpu(g, p.dtype, numel)):
+            return None
+        why = native.item_unsupported(p, g, states, kahan, counter, storage)
+        if why is None:
+            if len(self._checked) > 65536:  # states of deleted parameters: start over rather than grow
+                self._checked.clear()
+            self._checked[id(state)] = (tensors, versions, signature, counter)
+        return why
 
     def run(self, config: StepConfig, items: list[StepItem], hp: dict[str, Tensor]) -> None:
         """One kernel call per distinct step count (usually one): the coefficients depend on it."""

@@ -356,9 +356,9 @@ def item_unsupported(
     dtype = p.dtype
     if dtype not in _PARAM_DTYPES:
         return f"parameter dtype {dtype} (allowed: float32, bfloat16)"
-    if not _dense_cpu(p, dtype, numel):
+    if not dense_cpu(p, dtype, numel):
         return f"the parameter is not a contiguous, aligned CPU tensor of {numel} elements"
-    if not _dense_cpu(g, dtype, numel):
+    if not dense_cpu(g, dtype, numel):
         return f"the gradient ({g.dtype}, {g.numel()} elements) is not a contiguous, aligned CPU {dtype} tensor " \
                f"of {numel} elements"
     blocks = -(-numel // BLOCK)
@@ -370,24 +370,24 @@ def item_unsupported(
         if k + len(dtypes) > len(states):
             return "fewer state tensors than its storage needs"
         t = states[k]
-        if not _dense_cpu(t, dtypes[0], numel):
+        if not dense_cpu(t, dtypes[0], numel):
             return f"state buffer {index} is {t.dtype} x {t.numel()}, the kernel needs a contiguous, aligned " \
                    f"CPU {dtypes[0]} x {numel}"
-        if len(dtypes) == 2 and not _dense_cpu(states[k + 1], torch.float32, blocks):
+        if len(dtypes) == 2 and not dense_cpu(states[k + 1], torch.float32, blocks):
             t = states[k + 1]
             return f"the block scales of state buffer {index} are {t.dtype} x {t.numel()}, the kernel needs a " \
                    f"contiguous, aligned CPU float32 x {blocks}"
         k += len(dtypes)
     if k != len(states):
         return "more state tensors than its storage needs"
-    if kahan is not None and not _dense_cpu(kahan, dtype, numel):
+    if kahan is not None and not dense_cpu(kahan, dtype, numel):
         return f"the Kahan compensation is {kahan.dtype} x {kahan.numel()}, the kernel needs {dtype} x {numel}"
-    if counter is not None and not _dense_cpu(counter, torch.float32, 1):
+    if counter is not None and not dense_cpu(counter, torch.float32, 1):
         return "the step counter is not a CPU float32 scalar"
     return None
 
 
-def _dense_cpu(t: Tensor, dtype: torch.dtype, numel: int) -> bool:
+def dense_cpu(t: Tensor, dtype: torch.dtype, numel: int) -> bool:
     """``t`` is a contiguous CPU tensor of ``dtype`` and ``numel`` elements, aligned to its element size."""
     return (t.dtype == dtype and t.numel() == numel and t.is_cpu and t.is_contiguous()
             and t.data_ptr() % t.element_size() == 0)
