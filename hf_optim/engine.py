@@ -145,6 +145,7 @@ class Optimizer(torch.optim.Optimizer):
         # where "auto" cannot step natively: compiled for large models, eager for small ones (compile time)
         self._compiled = execution == "auto" and total >= AUTO_COMPILE_MIN_NUMEL and compiler_available()
         self._modes: dict[tuple, str] = {}  # (id(config), device) -> how that bucket steps
+        self._hp: dict[tuple, dict[str, Tensor]] = {}  # (group index, device) -> its 0-d hyperparameters
 
     # --- param groups -----------------------------------------------------------------
 
@@ -202,6 +203,7 @@ class Optimizer(torch.optim.Optimizer):
         self.__dict__["_configs"] = {}  # keyed by id(param): never carried over
         self.__dict__["_interned"] = {}
         self.__dict__["_modes"] = {}
+        self.__dict__["_hp"] = {}
         self.__dict__.setdefault("_compiled", False)
         for group in self.param_groups:  # back-fill options added after a checkpoint was pickled
             for key, value in {**self.rule.defaults, **ENGINE_DEFAULTS}.items():
@@ -248,7 +250,7 @@ class Optimizer(torch.optim.Optimizer):
             self._pager.prepare(self.state, ((p, functools.partial(self._new_state, p, name, group))
                                              for group in self.param_groups for name, p in self._named(group)
                                              if p.grad is not None))
-        for group in self.param_groups:
+        for index, group in enumerate(self.param_groups):
             scalars = self.rule.scalars(group)
             flags = self._flags(group)
             # the group settings a step configuration depends on (with the parameter, its cache key)
@@ -281,7 +283,7 @@ class Optimizer(torch.optim.Optimizer):
                     items.append(working_item(local, grad, state, config.block))
                 owners.append(p)
             for (_, device), (config, mode, items, owners) in buckets.items():
-                hp = _as_tensors(scalars, device)
+                hp = _as_tensors(scalars, self._hp.setdefault((index, device), {}), device)
                 if self._pager is None:
                     EXECUTOR.run(mode, config, items, hp)
                 else:  # paged placement: each paged state fetched to the device around its update
@@ -536,15 +538,29 @@ def _norm_for(p: Tensor) -> Any:
     return _ShardedNorm(tuple(mesh.get_group(dim) for dim in dims))
 
 
-def _as_tensors(scalars: Mapping[str, Any], device: torch.device) -> dict[str, Tensor]:
+def _as_tensors(scalars: Mapping[str, Any], kept: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
     """The hyperparameters as float64 0-d tensors: the scalar math runs in float64 and is rounded once
-    (fp32 on Apple's MPS, which has no float64)."""
+    (fp32 on Apple's MPS, which has no float64).
+
+    The tensors are ``kept`` between steps and refilled in place (``fill_`` with a host number is a kernel
+    argument): on CUDA a step then makes no host-to-device copy, and so no host sync, per hyperparameter. A
+    tensor hyperparameter already on ``device`` in the right dtype (a schedule's) is used as it is.
+    """
     dtype = torch.float32 if device.type == "mps" else torch.float64
-    return {
-        key: (value.to(device=device, dtype=dtype) if isinstance(value, Tensor) else
-              torch.tensor(value, dtype=dtype, device=device))
-        for key, value in scalars.items()
-    }
+    out = {}
+    for key, value in scalars.items():
+        if isinstance(value, Tensor) and value.device == device and value.dtype == dtype and value.dim() == 0:
+            out[key] = value
+            continue
+        held = kept.get(key)
+        if held is None:
+            held = kept[key] = torch.zeros((), dtype=dtype, device=device)
+        if isinstance(value, Tensor) and value.device.type != "cpu":
+            held.copy_(value.reshape(()))  # device to device: no host sync
+        else:
+            held.fill_(value.item() if isinstance(value, Tensor) else value)
+        out[key] = held
+    return out
 
 
 def unwrap(optimizer: Any) -> Any:
