@@ -37,6 +37,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from ..pids import alive
 from ..user_warnings import warn_user
 
 #: extra compiler flags for the native build (e.g. ``-mno-avx512f``)
@@ -223,7 +224,7 @@ def remove_stale_temporaries(directory: Path) -> None:
     for name in names:
         match = _TEMPORARY.match(name)
         try:
-            stale = not _alive(int(match.group(1))) if match else bool(_OLD_TEMPORARY.match(name)) and (
+            stale = not alive(int(match.group(1))) if match else bool(_OLD_TEMPORARY.match(name)) and (
                 time.time() - os.lstat(directory / name).st_mtime > _OLD_AGE_S)
             if stale:
                 os.unlink(directory / name)
@@ -252,16 +253,6 @@ def _free_bytes(directory: Path) -> int:
     except OSError:
         return 0
     return info.f_bavail * info.f_frsize
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 _temporary: list[Path] = []

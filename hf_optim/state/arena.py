@@ -33,6 +33,8 @@ import weakref
 import torch
 from torch import Tensor
 
+from ..pids import alive
+
 PAGE = mmap.PAGESIZE
 _PREFIX = "hf_optim_paged_"
 _STALE = re.compile(rf"{_PREFIX}(\d+)_")
@@ -168,7 +170,7 @@ def remove_stale_spill_files(directory: str) -> list[str]:
         return removed
     for name in names:
         match = _STALE.match(name)
-        if match is None or _alive(int(match.group(1))):
+        if match is None or alive(int(match.group(1))):
             continue
         path = os.path.join(directory, name)
         try:
@@ -179,12 +181,3 @@ def remove_stale_spill_files(directory: str) -> list[str]:
             pass
     return removed
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
