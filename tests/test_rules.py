@@ -17,9 +17,15 @@ import torch
 from helpers import assert_compiled, lockstep, quadratic_params, set_grads
 
 import hf_optim
+from hf_optim.kernels import native
 
 TOL = {"atol": 1e-6, "rtol": 1e-5}
 SHAPES = ((10, 5), (10,), (3, 4, 2), ())
+
+
+#: the layer-wise rules' reference tests run on the eager step and on the native kernel
+EXECUTIONS = ["eager", pytest.param("native", marks=pytest.mark.skipif(
+    native.library_error() is not None, reason=f"native kernel: {native.library_error()}"))]
 
 
 def clones(ref):
@@ -55,14 +61,15 @@ def _bias(beta: float, step: int) -> float:
     return 1 - beta**step
 
 
-def test_stable_adamw_matches_optimi():
+@pytest.mark.parametrize("execution", EXECUTIONS)
+def test_stable_adamw_matches_optimi(execution):
     import optimi
 
     hp = {"lr": 1e-2, "betas": (0.8, 0.95), "eps": 1e-5, "weight_decay": 0.1}
     ref = [p.requires_grad_() for p in quadratic_params(shapes=SHAPES)]
     ours = clones(ref)
     ref_opt = optimi.StableAdamW(ref, foreach=False, triton=False, **hp)
-    ours_opt = hf_optim.StableAdamW(ours, execution="eager", **hp)
+    ours_opt = hf_optim.StableAdamW(ours, execution=execution, **hp)
     # large gradients on some steps, so the RMS clipping actually engages
     for step in range(20):
         set_grads(ref, step)
@@ -73,6 +80,7 @@ def test_stable_adamw_matches_optimi():
             o.grad = r.grad.clone()
         ref_opt.step()
         ours_opt.step()
+    assert set(ours_opt._modes.values()) == {execution}
     assert_params(ref, ours)
     b1, b2 = hp["betas"]
     for r, o in zip(ref, ours):
@@ -142,16 +150,18 @@ def test_ranger_matches_optimi():
 # --- LARS vs pytorch_optimizer, SGD vs torch ------------------------------------------------
 
 
+@pytest.mark.parametrize("execution", EXECUTIONS)
 @pytest.mark.parametrize("nesterov", [False, True])
-def test_lars_matches_pytorch_optimizer(nesterov):
+def test_lars_matches_pytorch_optimizer(nesterov, execution):
     from pytorch_optimizer import LARS
 
     hp = {"lr": 0.5, "momentum": 0.8, "weight_decay": 0.1, "trust_coefficient": 0.02, "nesterov": nesterov}
     ref = [p.requires_grad_() for p in quadratic_params(shapes=SHAPES)]
     ours = clones(ref)
     ref_opt = LARS(ref, dampening=0.0 if nesterov else 0.1, foreach=False, **hp)
-    ours_opt = hf_optim.LARS(ours, dampening=0.0 if nesterov else 0.1, execution="eager", **hp)
+    ours_opt = hf_optim.LARS(ours, dampening=0.0 if nesterov else 0.1, execution=execution, **hp)
     lockstep(ref_opt, ours_opt, ref, ours)
+    assert set(ours_opt._modes.values()) == {execution}
     assert_params(ref, ours)
     for r, o in zip(ref, ours):
         torch.testing.assert_close(ours_opt.state[o]["momentum_buffer"], ref_opt.state[r]["momentum_buffer"], **TOL)
@@ -213,15 +223,17 @@ class PaperLAMB:
 @pytest.mark.parametrize(
     ("bias_correction", "exclude"), [(True, True), (False, True), (True, False)]
 )
-def test_lamb_matches_paper_algorithm(bias_correction, exclude):
+@pytest.mark.parametrize("execution", EXECUTIONS)
+def test_lamb_matches_paper_algorithm(bias_correction, exclude, execution):
     hp = {"lr": 1e-2, "betas": (0.85, 0.99), "eps": 1e-5, "weight_decay": 0.1}
     ref = [p.requires_grad_() for p in quadratic_params(shapes=SHAPES)]
     ours = clones(ref)
     ref_opt = PaperLAMB(ref, bias_correction=bias_correction, exclude_1d=exclude, **hp)
     ours_opt = hf_optim.LAMB(
-        ours, execution="eager", bias_correction=bias_correction, exclude_bias_and_norm=exclude, **hp
+        ours, execution=execution, bias_correction=bias_correction, exclude_bias_and_norm=exclude, **hp
     )
     lockstep(ref_opt, ours_opt, ref, ours)
+    assert set(ours_opt._modes.values()) == {execution}
     assert_params(ref, ours)
     for r_m, r_v, o in zip(ref_opt.m, ref_opt.v, ours):
         torch.testing.assert_close(ours_opt.state[o]["exp_avg"], r_m, **TOL)
