@@ -79,18 +79,24 @@ def lion_update(p, g, m, c, n):
 
 
 @triton.jit
+def momentum_step(p, g, buf, momentum, c, n, NESTEROV: tl.constexpr):
+    """SGD's and LARS's parameter update from the new momentum buffer: ``g + momentum * buf`` under Nesterov,
+    else ``buf``; coefficient 5 > 0 says momentum is on (else the plain ``g``); coefficient 0 is the lr."""
+    if NESTEROV:
+        direction = g + buf * momentum
+    else:
+        direction = buf
+    return p - tl.where(tl.load(c + 5 * n) > 0, direction, g) * tl.load(c)
+
+
+@triton.jit
 def sgd_update(p, g, buf, c, n, MAXIMIZE: tl.constexpr, NESTEROV: tl.constexpr):
     if MAXIMIZE:
         g = -g
     g = g + p * tl.load(c + n)
     momentum = tl.load(c + 2 * n)
     buf = tl.where(tl.load(c + 4 * n) > 0, g, buf * momentum + g * tl.load(c + 3 * n))
-    if NESTEROV:
-        direction = g + buf * momentum
-    else:
-        direction = buf
-    p = p - tl.where(tl.load(c + 5 * n) > 0, direction, g) * tl.load(c)
-    return p, buf
+    return momentum_step(p, g, buf, momentum, c, n, NESTEROV), buf
 
 
 @triton.jit
@@ -157,12 +163,7 @@ def lars_update(p, g, buf, c, n, NESTEROV: tl.constexpr, TRUST: tl.constexpr):
         g = (g + p * tl.load(c + n)) * tl.load(c + 6 * n)
     momentum = tl.load(c + 3 * n)
     buf = buf * momentum + g * tl.load(c + 4 * n)
-    if NESTEROV:
-        direction = g + buf * momentum
-    else:
-        direction = buf
-    p = p - tl.where(tl.load(c + 5 * n) > 0, direction, g) * tl.load(c)
-    return p, buf
+    return momentum_step(p, g, buf, momentum, c, n, NESTEROV), buf
 
 
 @triton.jit
