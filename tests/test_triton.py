@@ -10,7 +10,8 @@ differences the coefficient math and (LAMB, LARS, StableAdamW) the norms'
 summation order allow. Plus: NaN/Inf gradients in 8-bit blocks, structural
 flags, parameters at different step counts in one launch, mixed gradient and
 fp16 parameter dtypes, strided and misaligned parameters, paged state, the
-engine's choice of mode and its errors; what only a compiler shows (every
+engine's choice of mode and its errors; the differential suite's drawn configurations
+(tests/test_differential.py's draw, on this backend); what only a compiler shows (every
 rule's kernel built for sm_90, its PTX checked: ``triton_ptx_check.py``); the
 quantizer's tolerance of the GPU's fast square root; and the device script's
 dry run.
@@ -327,3 +328,29 @@ def test_quantizer_root_guess_tolerates_a_fast_square_root(signed):
         g = (root * GUESS_BIAS).floor().clamp(0, cmap.levels - 1)
         code = g + cmap.above_midpoint(u, g).float() + cmap.above_midpoint(u, g + 1).float()
         assert torch.equal(code, expected), (error, (code != expected).sum())
+
+
+# --- the differential suite's drawn configurations, on the triton backend ----------------------------------
+
+from test_differential import FUZZ, draw  # noqa: E402
+from test_differential import assert_same as assert_same_as_eager  # noqa: E402
+from test_differential import run as run_case  # noqa: E402
+
+
+def _triton_case(seed: int):
+    """A drawn case (rule, storage, placement, layouts, gradient pattern, hyperparameters, mid-run reload) with
+    what the kernel takes: fp32/bf16/fp16 parameters (float64 ones step eagerly by design)."""
+    case = draw(30_000 + seed, ("triton",))
+    if case.dtype == torch.float64:
+        case.dtype = torch.float32
+    return case
+
+
+TRITON_CASES = [_triton_case(seed) for seed in range(16 * FUZZ)]
+
+
+@pytest.mark.parametrize("case", TRITON_CASES, ids=str)
+def test_drawn_configurations_match_eager(case, tmp_path):
+    ours = run_case(case, "triton", case.placement, tmp_path)
+    assert set(ours[1]._modes.values()) == {"triton"}
+    assert_same_as_eager(case, ours, run_case(case, "eager", "device", tmp_path))
