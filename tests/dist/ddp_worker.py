@@ -9,6 +9,7 @@ identical parameters.
 
 from __future__ import annotations
 
+import datetime
 import os
 import sys
 
@@ -65,7 +66,8 @@ def main() -> None:
         num_processes=trainer.accelerator.num_processes,
     )
     torch.save(result, os.path.join(out, f"rank{result['rank']}.pt"))
-    dist.barrier()
+    # a barrier that names a missing rank after a minute instead of hanging until the test's timeout
+    dist.monitored_barrier(timeout=datetime.timedelta(seconds=60), wait_all_ranks=True)
     dist.destroy_process_group()
 
 
