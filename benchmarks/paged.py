@@ -37,9 +37,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import hf_optim
-from hf_optim.bench import BASELINE, Factory, make_shapes, measure
 from hf_optim.engine import EXECUTIONS
-from hf_optim.memory import parse_count
+from hf_optim.guide.bench import BASELINE, Factory, make_shapes, measure
+from hf_optim.guide.memory import parse_count
 from hf_optim.state.arena import malloc_trim
 
 MiB = 2**20

@@ -28,11 +28,11 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from .. import memory
 from ..engine import Optimizer, unwrap
+from ..guide import memory
 from ..rules.lion import LION_MAX_LR, adamw_sized_advice
 from ..state import keeps_kahan, planned_bytes
-from ..user_warnings import warn_user
+from ..util.user_warnings import warn_user
 
 logger = logging.getLogger("hf_optim")
 

@@ -20,8 +20,9 @@ from typing import Any, Literal
 
 import torch
 
-from . import memory, registry, schedules
-from .guidance import LION_FACTOR, translate_hparams
+from .. import registry, schedules
+from . import memory
+from .translate import LION_FACTOR, translate_hparams
 
 Task = Literal["transformer", "cnn", "other"]
 TASKS = ("transformer", "cnn", "other")

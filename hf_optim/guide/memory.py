@@ -26,9 +26,9 @@ from typing import Any
 
 import torch
 
-from . import registry
-from .sizes import parse_size
-from .state import MIN_8BIT_SIZE, planned_bytes
+from .. import registry
+from ..parsing.sizes import parse_size
+from ..state import MIN_8BIT_SIZE, planned_bytes
 
 _DTYPES = {
     "fp32": torch.float32, "float32": torch.float32,
@@ -125,7 +125,7 @@ def param_state_bytes(
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Measured bytes of every tensor in a live optimizer's state (shared storage counted once)."""
-    from .engine import unwrap  # accelerate's AcceleratedOptimizer and similar wrappers
+    from ..engine import unwrap  # accelerate's AcceleratedOptimizer and similar wrappers
 
     optimizer = unwrap(optimizer)
     seen: set[tuple[int, int]] = set()
