@@ -141,7 +141,7 @@ def memory_section(args: argparse.Namespace) -> None:
 
 
 def medians(factories: dict[str, Factory], shapes, steps: int, warmup: int) -> dict[str, float]:
-    """Median step seconds per candidate, interleaved (``hf_optim.bench.measure``); a failure is an error."""
+    """Median step seconds per candidate, interleaved (``hf_optim.guide.bench.measure``); a failure is an error."""
     rows = measure(factories, shapes, steps, warmup, progress=False)
     failed = [f"{row['candidate']}: {row['note']}" for row in rows if row["median_ms"] is None]
     if failed:

@@ -74,7 +74,7 @@ def parse_count(text: str | int | float) -> int:
 
 
 def parse_bytes(text: str | int | float) -> int:
-    """``24GB``, ``80GiB``, ``512MB``, or a number of bytes -> an int (``hf_optim.sizes``)."""
+    """``24GB``, ``80GiB``, ``512MB``, or a number of bytes -> an int (``hf_optim.parsing.sizes``)."""
     if isinstance(text, int | float):
         return int(text)
     size = parse_size(str(text))

@@ -11,8 +11,8 @@ explicit ``on_mismatch`` policy. A 0-d tensor lr is filled in place (torch's
 ``LRScheduler`` does so), so hf_optim's compiled step never recompiles.
 
 Steps are optimizer steps: the Trainer passes totals after gradient
-accumulation and world size. The base class is in :mod:`hf_optim.schedule_base`,
-the schedules in :mod:`hf_optim.schedule_kinds`; this module is the name
+accumulation and world size. The base class is in :mod:`hf_optim.schedules.base`,
+the schedules in :mod:`hf_optim.schedules.kinds`; this module is the name
 registry, the option checker and the ``hf-optim schedule`` command.
 """
 
