@@ -37,9 +37,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import hf_optim
-from hf_optim.bench import BASELINE, Factory, make_shapes, measure
 from hf_optim.engine import EXECUTIONS
-from hf_optim.memory import parse_count
+from hf_optim.guide.bench import BASELINE, Factory, make_shapes, measure
+from hf_optim.guide.memory import parse_count
 from hf_optim.state.arena import malloc_trim
 
 MiB = 2**20
@@ -141,7 +141,7 @@ def memory_section(args: argparse.Namespace) -> None:
 
 
 def medians(factories: dict[str, Factory], shapes, steps: int, warmup: int) -> dict[str, float]:
-    """Median step seconds per candidate, interleaved (``hf_optim.bench.measure``); a failure is an error."""
+    """Median step seconds per candidate, interleaved (``hf_optim.guide.bench.measure``); a failure is an error."""
     rows = measure(factories, shapes, steps, warmup, progress=False)
     failed = [f"{row['candidate']}: {row['note']}" for row in rows if row["median_ms"] is None]
     if failed:

@@ -33,9 +33,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import hf_optim
-from hf_optim.bench import BASELINE, Factory, make_shapes, measure  # the timing loop, shared with `hf-optim bench`
+from hf_optim.guide.bench import BASELINE, Factory, make_shapes, measure  # the loop `hf-optim bench` times with
+from hf_optim.guide.memory import parse_count
 from hf_optim.kernels import native
-from hf_optim.memory import parse_count
 
 
 def _optimi(name: str) -> Factory:

@@ -17,21 +17,17 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-# eager, because the submodule has the function's name: a lazy attribute would be shadowed by
-# the module object as soon as anything imports ``hf_optim.recommend``
-from .recommend import Recommendation, recommend
-
 #: public name -> the module (relative to this package) that defines it
 _EXPORTS: dict[str, str] = {
     "Optimizer": ".engine",
-    "HparamTranslation": ".guidance",
-    "translate_hparams": ".guidance",
+    "HparamTranslation": ".guide.translate",
+    "translate_hparams": ".guide.translate",
     "callbacks": ".integrations.callbacks",
     "HfOptimMixin": ".integrations.transformers",
     "Trainer": ".integrations.transformers",
     "TrainingArguments": ".integrations.transformers",
     "with_hf_optim": ".integrations.transformers",
-    "memory_table": ".memory",
+    "memory_table": ".guide.memory",
     "LAMB": ".optimizers",
     "LARS": ".optimizers",
     "SGD": ".optimizers",
@@ -46,6 +42,9 @@ _EXPORTS: dict[str, str] = {
     "hf_optim_names": ".registry",
     "resolve": ".registry",
     "get_scheduler": ".schedules",
+    # lazy too: the module is hf_optim.guide.recommend, so no submodule shadows the function
+    "Recommendation": ".guide.recommend",
+    "recommend": ".guide.recommend",
 }
 
 __all__ = [
@@ -95,10 +94,11 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, eagerly
     from .engine import Optimizer
-    from .guidance import HparamTranslation, translate_hparams
+    from .guide.memory import memory_table
+    from .guide.recommend import Recommendation, recommend
+    from .guide.translate import HparamTranslation, translate_hparams
     from .integrations import callbacks
     from .integrations.transformers import HfOptimMixin, Trainer, TrainingArguments, with_hf_optim
-    from .memory import memory_table
     from .optimizers import LAMB, LARS, SGD, AdamW, Adan, Lion, Ranger, StableAdamW
     from .registry import OptimizerSpec, create_optimizer, get_spec, hf_optim_names, resolve
     from .schedules import get_scheduler

@@ -43,7 +43,7 @@ from .state import (
 )
 from .state.loading import copy_checked, loaded_step
 from .state.placement import PLACEMENTS, build_placement
-from .user_warnings import warn_user
+from .util.user_warnings import warn_user
 
 #: version of the state-dict layout, stored in every saved param group
 FORMAT_VERSION = 1

@@ -53,7 +53,7 @@ from .execution import (
     working_layout,
 )
 from .kernels import native, triton_step
-from .user_warnings import warn_user
+from .util.user_warnings import warn_user
 
 #: how a bucket is stepped (``Optimizer(execution=...)`` picks one per configuration, or "auto")
 MODES = ("eager", "compiled", "native", "triton")

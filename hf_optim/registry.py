@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from .optim_args import coerce_optim_args
+from .parsing.optim_args import coerce_optim_args
 
 #: rule name -> "module:Class" of its optimizer (imported lazily)
 RULES: dict[str, str] = {

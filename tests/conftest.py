@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from hf_optim.user_warnings import forget_warnings
+from hf_optim.util.user_warnings import forget_warnings
 
 
 @pytest.fixture(autouse=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from hf_optim import bench, cli
+from hf_optim.guide import bench, cli
 
 
 def test_bench_json_has_a_row_per_candidate(capsys):

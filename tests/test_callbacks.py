@@ -11,7 +11,7 @@ import torch
 import transformers
 
 import hf_optim
-from hf_optim import memory
+from hf_optim.guide import memory
 from hf_optim.integrations import callbacks as cb
 
 

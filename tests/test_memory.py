@@ -10,7 +10,7 @@ import torch
 from helpers import tiny_bert
 
 import hf_optim
-from hf_optim import cli, memory
+from hf_optim.guide import cli, memory
 
 SEVEN_B = 7_000_000_000
 BLOCK = 256  # bitsandbytes' block size: one fp32 absmax scale per block

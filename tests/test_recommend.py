@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import hf_optim
-from hf_optim import cli, memory
-from hf_optim.recommend import model_kind
+from hf_optim.guide import cli, memory
+from hf_optim.guide.recommend import model_kind
 
 
 def rec(**kwargs):

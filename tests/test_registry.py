@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import hf_optim
 from hf_optim import registry
-from hf_optim.optim_args import coerce_optim_args, parse_optim_args
+from hf_optim.parsing.optim_args import coerce_optim_args, parse_optim_args
 
 
 @pytest.mark.parametrize("name", registry.hf_optim_names())

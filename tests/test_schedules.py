@@ -17,7 +17,7 @@ from transformers.optimization import get_scheduler as hf_get_scheduler
 
 import hf_optim
 from hf_optim import schedules
-from hf_optim.cli import main as cli_main
+from hf_optim.guide.cli import main as cli_main
 
 LRS = (0.1, 0.03)  # two param groups with different lrs
 T, W = 23, 5

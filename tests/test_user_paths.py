@@ -19,7 +19,7 @@ import transformers
 from helpers import tiny_bert, tiny_dataset
 
 import hf_optim
-from hf_optim import cli
+from hf_optim.guide import cli
 from hf_optim.integrations import callbacks as cb
 
 
@@ -205,7 +205,7 @@ def test_bf16_state_bytes_are_stated_with_kahan_and_the_cheaper_choice(capsys, t
     opt = hf_optim.create_optimizer("adamw_8bit", model, lr=1e-3)
     model(torch.randn(4, 256, dtype=torch.bfloat16)).sum().backward()
     opt.step()
-    assert hf_optim.memory.state_bytes(opt) == mem.state
+    assert hf_optim.guide.memory.state_bytes(opt) == mem.state
     report = cb.format_report(cb.optimizer_report(opt))
     assert f"({mem.state / (256 * 257):.2f} B/param" in report and "kahan_sum=False" in report
     # recommend says it too

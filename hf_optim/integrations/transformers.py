@@ -25,7 +25,7 @@ quiet_imports.install()  # before transformers imports PEFT -> bitsandbytes/torc
 import transformers  # noqa: E402
 
 from .. import registry, schedules  # noqa: E402
-from ..optim_args import parse_optim_args  # noqa: E402
+from ..parsing.optim_args import parse_optim_args  # noqa: E402
 from . import deepspeed  # noqa: E402
 
 logger = logging.getLogger("hf_optim")

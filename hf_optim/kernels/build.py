@@ -37,8 +37,8 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from ..pids import alive
-from ..user_warnings import warn_user
+from ..util.pids import alive
+from ..util.user_warnings import warn_user
 
 #: extra compiler flags for the native build (e.g. ``-mno-avx512f``)
 FLAGS_VARIABLE = "HF_OPTIM_NATIVE_FLAGS"

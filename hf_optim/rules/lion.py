@@ -23,7 +23,7 @@ from typing import Any
 
 from torch import Tensor
 
-from ..user_warnings import warn_user
+from ..util.user_warnings import warn_user
 from .base import Buffer, NormFn, UpdateRule, _as_float, moment_coefficients
 
 #: an lr at or above this is AdamW-sized for Lion

@@ -33,7 +33,7 @@ import weakref
 import torch
 from torch import Tensor
 
-from ..pids import alive
+from ..util.pids import alive
 
 PAGE = mmap.PAGESIZE
 _PREFIX = "hf_optim_paged_"

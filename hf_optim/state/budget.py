@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ..sizes import parse_size
+from ..parsing.sizes import parse_size
 
 #: fraction of free memory the automatic budget lets states keep beside their parameters
 AUTO_FRACTION = 0.5

@@ -58,7 +58,7 @@ import torch
 from torch import Tensor
 
 from ..execution import flat_state, working_state
-from ..user_warnings import warn_user
+from ..util.user_warnings import warn_user
 from .arena import MADV_DONTNEED, MADV_POPULATE_WRITE, MADV_WILLNEED, Region, SpillArena, malloc_trim
 from .budget import AUTO_FRACTION, free_bytes, fs_type, parse_budget  # noqa: F401 (AUTO_FRACTION: API)
 

@@ -146,7 +146,7 @@ def translate_hparams(
     from AdamW's, ``betas``) with the reasoning as text. Names may carry the
     registry's modifiers (``paged_lion_8bit``); storage does not change them.
     """
-    from .registry import parse
+    from ..registry import parse
 
     names = []
     for name in (from_, to):

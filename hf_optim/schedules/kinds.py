@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .schedule_base import Schedule, _choice, _int, _num, _warmup
+from .base import Schedule, _choice, _int, _num, _warmup
 
 _WSD_SHAPES = ("linear", "cosine", "1-sqrt")
 

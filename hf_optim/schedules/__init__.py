@@ -11,8 +11,8 @@ explicit ``on_mismatch`` policy. A 0-d tensor lr is filled in place (torch's
 ``LRScheduler`` does so), so hf_optim's compiled step never recompiles.
 
 Steps are optimizer steps: the Trainer passes totals after gradient
-accumulation and world size. The base class is in :mod:`hf_optim.schedule_base`,
-the schedules in :mod:`hf_optim.schedule_kinds`; this module is the name
+accumulation and world size. The base class is in :mod:`hf_optim.schedules.base`,
+the schedules in :mod:`hf_optim.schedules.kinds`; this module is the name
 registry, the option checker and the ``hf-optim schedule`` command.
 """
 
@@ -26,8 +26,9 @@ from typing import Any
 
 import torch
 
-from .schedule_base import Schedule
-from .schedule_kinds import (
+from ..parsing.values import as_bool, as_int, as_number
+from .base import Schedule
+from .kinds import (
     Constant,
     ConstantWithWarmup,
     InverseSqrt,
@@ -37,7 +38,6 @@ from .schedule_kinds import (
     WarmupCosine,
     WarmupStableDecay,
 )
-from .values import as_bool, as_int, as_number
 
 SCHEDULES: dict[str, type[Schedule]] = {
     cls.name: cls
@@ -138,7 +138,7 @@ def get_scheduler(
 
 def _schedule_class(name: str) -> type[Schedule]:
     if name not in SCHEDULES:
-        from .registry import unknown_name_message
+        from ..registry import unknown_name_message
 
         raise ValueError(unknown_name_message(name, "lr schedule", sorted(SCHEDULES)))
     return SCHEDULES[name]
@@ -220,7 +220,7 @@ def cli_run(args: Any) -> int:
     import json
     import sys
 
-    from .optim_args import parse_optim_args
+    from ..parsing.optim_args import parse_optim_args
 
     try:
         kwargs = parse_optim_args(args.kwargs)

@@ -28,11 +28,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import registry
+from .. import registry
 from .memory import format_bytes
 
 #: the recipe ships inside the package, so compare runs from any directory
-DEFAULT_RECIPE = str(Path(__file__).resolve().parent / "recipes" / "train_clm.py")
+DEFAULT_RECIPE = str(Path(__file__).resolve().parent.parent / "recipes" / "train_clm.py")
 DEFAULT_OPTIMS = "adamw,adamw_8bit,lion_8bit,lamb"
 
 
@@ -190,7 +190,7 @@ def compare(
 def _translated_args(name: str, adamw_lr: float | None, adamw_weight_decay: float) -> list[str]:
     if adamw_lr is None:
         return []
-    from .guidance import translate_hparams
+    from .translate import translate_hparams
 
     try:
         values = translate_hparams("adamw", name, lr=adamw_lr, weight_decay=adamw_weight_decay).values

@@ -5,7 +5,7 @@ memory-bound? batch over 8K? time to tune? unstable?) plus a few rules of
 thumb (Lion wants a smaller lr and larger weight decay than AdamW,
 beta2 0.95 for large batches or loss spikes, warmup + cosine for
 transformers). ``recommend`` walks that flow for a concrete model and device,
-with memory from the exact memory model (``hf_optim.memory``) instead of
+with memory from the exact memory model (``hf_optim.guide.memory``) instead of
 multipliers, and records every decision as a reason, so the answer explains
 itself. ``Recommendation.to_training_args()`` turns it into
 ``TrainingArguments`` keyword arguments.
@@ -20,8 +20,9 @@ from typing import Any, Literal
 
 import torch
 
-from . import memory, registry, schedules
-from .guidance import LION_FACTOR, translate_hparams
+from .. import registry, schedules
+from . import memory
+from .translate import LION_FACTOR, translate_hparams
 
 Task = Literal["transformer", "cnn", "other"]
 TASKS = ("transformer", "cnn", "other")

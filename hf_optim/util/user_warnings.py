@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 
 #: frames in these folders are not the user's: a warning points past them
-_LIBRARY_DIRS = tuple(
-    str(Path(module).resolve().parent) + os.sep for module in (Path(__file__).parent / "__init__.py", torch.__file__)
+_LIBRARY_DIRS = tuple(  # hf_optim's root (this module is in hf_optim/util/) and torch's
+    str(Path(module).resolve().parent) + os.sep
+    for module in (Path(__file__).parent.parent / "__init__.py", torch.__file__)
 )
 
 #: causes already warned about in this process

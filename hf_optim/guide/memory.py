@@ -26,9 +26,9 @@ from typing import Any
 
 import torch
 
-from . import registry
-from .sizes import parse_size
-from .state import MIN_8BIT_SIZE, planned_bytes
+from .. import registry
+from ..parsing.sizes import parse_size
+from ..state import MIN_8BIT_SIZE, planned_bytes
 
 _DTYPES = {
     "fp32": torch.float32, "float32": torch.float32,
@@ -74,7 +74,7 @@ def parse_count(text: str | int | float) -> int:
 
 
 def parse_bytes(text: str | int | float) -> int:
-    """``24GB``, ``80GiB``, ``512MB``, or a number of bytes -> an int (``hf_optim.sizes``)."""
+    """``24GB``, ``80GiB``, ``512MB``, or a number of bytes -> an int (``hf_optim.parsing.sizes``)."""
     if isinstance(text, int | float):
         return int(text)
     size = parse_size(str(text))
@@ -125,7 +125,7 @@ def param_state_bytes(
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Measured bytes of every tensor in a live optimizer's state (shared storage counted once)."""
-    from .engine import unwrap  # accelerate's AcceleratedOptimizer and similar wrappers
+    from ..engine import unwrap  # accelerate's AcceleratedOptimizer and similar wrappers
 
     optimizer = unwrap(optimizer)
     seen: set[tuple[int, int]] = set()

@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
-from . import registry
-from .engine import EXECUTIONS
+from .. import registry
+from ..engine import EXECUTIONS
 
 Factory = Callable[[list[torch.Tensor]], torch.optim.Optimizer]
 BASELINE = "torch AdamW fused"

@@ -30,7 +30,8 @@ def _list_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _list(args: argparse.Namespace) -> int:
-    from . import memory, registry
+    from .. import registry
+    from . import memory
 
     rows = []
     for name in registry.hf_optim_names():
@@ -55,13 +56,13 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _schedule_args(parser: argparse.ArgumentParser) -> None:
-    from .schedules import cli_arguments
+    from ..schedules import cli_arguments
 
     cli_arguments(parser)
 
 
 def _schedule(args: argparse.Namespace) -> int:
-    from .schedules import cli_run, is_registered
+    from ..schedules import cli_run, is_registered
 
     if args.warmup is None and not is_registered(args.name):
         args.warmup = 0  # transformers' schedules take no default warmup; theirs is 0 steps in TrainingArguments too
@@ -73,10 +74,10 @@ def _lazy(module: str) -> tuple[Callable[[argparse.ArgumentParser], None], Calla
     import importlib
 
     def add_arguments(parser: argparse.ArgumentParser) -> None:
-        importlib.import_module(f"hf_optim.{module}").cli_arguments(parser)
+        importlib.import_module(f"hf_optim.guide.{module}").cli_arguments(parser)
 
     def run(args: argparse.Namespace) -> int:
-        return importlib.import_module(f"hf_optim.{module}").cli_run(args)
+        return importlib.import_module(f"hf_optim.guide.{module}").cli_run(args)
 
     return add_arguments, run
 
@@ -99,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         add_arguments(sub.add_parser(name, help=help_text, description=help_text))
         runners[name] = run
     args = parser.parse_args(argv)
-    from .integrations import quiet_imports
+    from ..integrations import quiet_imports
 
     quiet_imports.install()  # the peers' CUDA-less import noise stays out of the output
     try:
