@@ -54,6 +54,7 @@ class StableAdamW(UpdateRule):
         {"betas": (0.9, 0.99)},
     )
     example = {"lr": 1e-2, "betas": (0.8, 0.95), "eps": 1e-3, "weight_decay": 0.1}
+    takes_over_transformers_name = True  # transformers' "stable_adamw" is torch-optimi's: the same algorithm
 
     @classmethod
     def buffers(cls, flags: Mapping[str, Any]) -> tuple[Buffer, ...]:
