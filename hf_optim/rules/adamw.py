@@ -47,7 +47,7 @@ class AdamW(UpdateRule):
     }
     flag_names = frozenset({"amsgrad", "maximize"})
     relation = Relation(1.0, 1.0, "sqrt", "AdamW is the reference point.")
-    example = {"lr": 3e-3, "betas": (0.8, 0.99), "eps": 1e-6, "weight_decay": 0.1}
+    example = {"lr": 3e-3, "betas": (0.8, 0.99), "eps": 1e-3, "weight_decay": 0.1}
     takes_over_transformers_name = True  # adamw_8bit, paged_adamw_32bit, ...: bitsandbytes' AdamW in transformers
 
     @classmethod
