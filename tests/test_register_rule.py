@@ -348,11 +348,15 @@ def test_an_installed_plugin_resolves_in_a_fresh_process(tmp_path):
 def test_a_broken_plugin_never_breaks_import_or_the_cli(tmp_path):
     site = tmp_path / "site"
     _dist_info(site, "broken_plugin", "broken = no_such_module_for_hf_optim:Rule")
+    _dist_info(site, "adabelief_plugin", "adabelief = adabelief_rule:AdaBelief")
     result = _python("""
         import hf_optim
         from hf_optim.cli import main
         raise SystemExit(main(["list"]))
     """, site, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "adamw_8bit" in result.stdout and "broken" not in result.stdout.split("Passed through")[0]
+    listed = result.stdout.split("Passed through")[0]
+    assert "adamw_8bit" in listed and "broken" not in listed
+    row = next(line for line in listed.splitlines() if line.startswith("paged_adabelief_8bit "))
+    assert "AdaBelief: Adam with the variance" in row and "paged state" in row and "eps=1e-16" in row, row
     assert "hf_optim rule plugin 'broken'" in result.stderr and "its names are left out" in result.stderr
