@@ -28,17 +28,10 @@ _EXPORTS: dict[str, str] = {
     "TrainingArguments": ".integrations.transformers",
     "with_hf_optim": ".integrations.transformers",
     "memory_table": ".guide.memory",
-    "LAMB": ".optimizers",
-    "LARS": ".optimizers",
-    "SGD": ".optimizers",
-    "AdamW": ".optimizers",
-    "Adan": ".optimizers",
-    "Lion": ".optimizers",
-    "Ranger": ".optimizers",
-    "StableAdamW": ".optimizers",
     "OptimizerSpec": ".registry",
     "create_optimizer": ".registry",
     "get_spec": ".registry",
+    "register_rule": ".rules.registry",
     "hf_optim_names": ".registry",
     "resolve": ".registry",
     "get_scheduler": ".schedules",
@@ -47,20 +40,14 @@ _EXPORTS: dict[str, str] = {
     "recommend": ".guide.recommend",
 }
 
-__all__ = [
-    "LAMB",
-    "LARS",
-    "SGD",
-    "AdamW",
-    "Adan",
+#: the public names besides the built-in rules' optimizer classes (``hf_optim.AdamW``, ...), which
+#: ``hf_optim.optimizers`` generates from the rule registry; ``__all__`` adds them on first use
+_NAMES = [
     "HfOptimMixin",
     "HparamTranslation",
-    "Lion",
     "Optimizer",
     "OptimizerSpec",
-    "Ranger",
     "Recommendation",
-    "StableAdamW",
     "Trainer",
     "TrainingArguments",
     "callbacks",
@@ -70,26 +57,36 @@ __all__ = [
     "hf_optim_names",
     "memory_table",
     "recommend",
+    "register_rule",
     "resolve",
     "translate_hparams",
     "with_hf_optim",
 ]
 
 
+def _rule_classes() -> list[str]:
+    """The built-in rules' optimizer class names (importing ``hf_optim.rules``: torch, no more)."""
+    from .rules import BUILTIN_RULES
+
+    return [rule.__name__ for rule in BUILTIN_RULES]
+
+
 def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'hf_optim' has no attribute {name!r}")
-    if name == "callbacks":
-        value: Any = importlib.import_module(module, __name__)
+    if name == "__all__":
+        value: Any = [*_NAMES, *_rule_classes()]
+    elif name in _EXPORTS:
+        module = importlib.import_module(_EXPORTS[name], __name__)
+        value = module if name == "callbacks" else getattr(module, name)
+    elif name in _rule_classes():
+        value = getattr(importlib.import_module(".optimizers", __name__), name)
     else:
-        value = getattr(importlib.import_module(module, __name__), name)
+        raise AttributeError(f"module 'hf_optim' has no attribute {name!r}")
     globals()[name] = value  # once: later lookups skip __getattr__
     return value
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS})
+    return sorted({*globals(), *_EXPORTS, *_rule_classes()})
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, eagerly
@@ -99,6 +96,9 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, eagerly
     from .guide.translate import HparamTranslation, translate_hparams
     from .integrations import callbacks
     from .integrations.transformers import HfOptimMixin, Trainer, TrainingArguments, with_hf_optim
+
+    # generated at import from the registered rules (see optimizers); named here for type checkers only
     from .optimizers import LAMB, LARS, SGD, AdamW, Adan, Lion, Ranger, StableAdamW
     from .registry import OptimizerSpec, create_optimizer, get_spec, hf_optim_names, resolve
+    from .rules.registry import register_rule
     from .schedules import get_scheduler

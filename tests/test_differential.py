@@ -27,6 +27,7 @@ from helpers import roundtrip
 import hf_optim
 from hf_optim.kernels import native
 from hf_optim.plan import compiler_available
+from hf_optim.rules.registry import builtin_rules
 from hf_optim.state import CODECS, BlockwiseCodec
 
 FUZZ = max(1, int(os.environ.get("HF_OPTIM_FUZZ", "1")))
@@ -35,42 +36,37 @@ FAST_CASES = 40 * FUZZ
 COMPILED_CASES = 2 * FUZZ
 STEPS = 6
 
-RULES = {
-    "adamw": hf_optim.AdamW, "lion": hf_optim.Lion, "sgd": hf_optim.SGD, "adan": hf_optim.Adan,
-    "ranger": hf_optim.Ranger, "lamb": hf_optim.LAMB, "lars": hf_optim.LARS, "stable_adamw": hf_optim.StableAdamW,
-}
+#: every built-in rule, with its public class (read from the rule registry)
+RULES = {rule.name: hf_optim.get_spec(rule.name).load_class() for rule in builtin_rules()}
 LAYOUTS = ("contiguous", "transposed", "sliced", "scalar", "ragged", "under_block")
 GRAD_PATTERNS = ("dense", "none_some_steps", "frozen_then_unfrozen", "zeros")
 
 
+def _near(key: str, example, default, rng: random.Random):
+    """A value near the rule's example: numbers scaled, betas moved in (0, 1), weight decay and
+    zero-default values sometimes at 0 (a decay left at 0 hides decay bugs; one always on hides the branch)."""
+    if isinstance(example, tuple):
+        return tuple(1 - (1 - b) * rng.uniform(0.5, 1.5) for b in example)
+    if isinstance(example, int):
+        return example + rng.randint(0, 2)
+    if (key == "weight_decay" or default == 0) and rng.random() < 0.25:
+        return 0.0
+    return example * rng.uniform(0.5, 1.5)
+
+
 def hyperparameters(rule: str, rng: random.Random) -> dict:
-    """Valid, non-default values for every numeric hyperparameter and a random flag choice."""
-    u = rng.uniform
-    lr = {"lion": u(1e-4, 1e-3), "lars": u(0.05, 0.5), "sgd": u(0.01, 0.1)}.get(rule, u(1e-3, 2e-2))
-    hp = {"lr": lr}
-    if rule in ("adamw", "lamb", "stable_adamw", "ranger", "lion"):
-        hp["betas"] = (u(0.7, 0.95), rng.choice([u(0.9, 0.999), 0.99999]) if rule != "lion" else u(0.9, 0.999))
-    if rule == "adan":
-        hp["betas"] = (u(0.9, 0.99), u(0.8, 0.95), u(0.95, 0.999))
-    if rule in ("adamw", "lamb", "stable_adamw", "ranger", "adan"):
-        hp["eps"] = 10 ** u(-9, -6)
-    hp["weight_decay"] = rng.choice([0.0, u(0.01, 0.2)])
-    if rule == "adamw":
-        hp.update(amsgrad=rng.random() < 0.3, maximize=rng.random() < 0.3)
-    if rule in ("sgd", "lars"):
-        hp.update(momentum=u(0.5, 0.95), dampening=rng.choice([0.0, u(0.0, 0.3)]))
-        hp["nesterov"] = rng.random() < 0.3 and hp["dampening"] == 0.0
-    if rule == "sgd":
-        hp["maximize"] = rng.random() < 0.3
-        if rng.random() < 0.2:
-            hp.update(momentum=0.0, dampening=0.0, nesterov=False)
-    if rule == "lars":
-        hp["trust_coefficient"] = u(1e-3, 1e-2)
-    if rule == "ranger":
-        hp.update(k=rng.randint(2, 4), alpha=u(0.3, 0.8))
-    if rule == "lamb":
-        hp["bias_correction"] = rng.random() < 0.7
-    return hp
+    """Valid, non-default values for every numeric hyperparameter (drawn around the rule's ``example``) and
+    a random flag choice; redrawn until the rule accepts the set (e.g. SGD's nesterov needs zero dampening)."""
+    spec = RULES[rule].rule
+    for _ in range(50):
+        hp = {key: _near(key, value, spec.defaults[key], rng) for key, value in spec.example.items()}
+        hp.update({flag: (rng.random() < 0.3) != spec.defaults[flag] for flag in sorted(spec.flag_names)})  # flip 30%
+        try:
+            spec.validate({**spec.defaults, **hp})
+        except ValueError:
+            continue
+        return hp
+    raise AssertionError(f"no valid draw around {rule}'s example {spec.example}")
 
 
 @dataclass
@@ -209,17 +205,26 @@ def assert_same(case: Case, ours, theirs) -> None:
     # Lion's and the SGD/LARS-free sign flips aside, every path rounds differently only in its last bits;
     # a sign-based rule may move an element by 2 lr where a moment sits at 0 within that rounding
     sign_slack = 2 * case.hp["lr"] * STEPS if case.rule == "lion" else 0.0
+    quantized = isinstance(CODECS[opt_a.param_groups[0]["state_precision"]], BlockwiseCodec)
     for i, (a, b) in enumerate(zip(params_a, params_b)):
         assert a.dtype == b.dtype and a.shape == b.shape, (i, case)
         close = torch.isclose(a.double(), b.double(), rtol=rtol, atol=atol)
         if sign_slack:
             far = (a.double() - b.double()).abs() > sign_slack + atol
             assert not far.any() and close.double().mean() > 0.99, f"param {i}: {case}"
+        elif quantized:
+            # a value on an 8-bit code boundary may round to the neighbouring code on one path (the fused
+            # arithmetic's last bit decides), moving that element by about lr x one code for a step: at most
+            # one element in a thousand (one in a smaller tensor), each within 2 lr; every other element exact
+            far = ~close
+            limit = max(1, a.numel() // 1000)
+            off = (a.double() - b.double()).abs()
+            assert int(far.sum()) <= limit and (off[far] <= 2 * case.hp["lr"]).all(), (
+                f"param {i}: {int(far.sum())} elements off (max {off.max():.3g}), allowed {limit}: {case}")
         else:
             assert close.all(), f"param {i}: max diff {(a.double() - b.double()).abs().max():.3g}: {case}"
         state_a, state_b = decoded(opt_a, a), decoded(opt_b, b)
         assert state_a.keys() == state_b.keys(), (i, case)
-        quantized = isinstance(CODECS[opt_a.param_groups[0]["state_precision"]], BlockwiseCodec)
         for key, value in state_b.items():
             if key == "kahan_comp":
                 continue  # follows the parameter's last bit, checked through it

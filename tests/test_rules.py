@@ -1,4 +1,4 @@
-"""Lion, LAMB, LARS, StableAdamW, Adan, Ranger, SGD: parity with independent implementations.
+"""Every built-in rule: parity with independent implementations (``REFERENCES`` says which checks which).
 
 Every comparison uses non-default hyperparameters (weight decay 0.1, betas
 away from the defaults), 20 steps, params and state at fp32 atol 1e-6 /
@@ -18,6 +18,7 @@ from helpers import assert_compiled, lockstep, quadratic_params, set_grads
 
 import hf_optim
 from hf_optim.kernels import native
+from hf_optim.rules.registry import builtin_rules
 
 TOL = {"atol": 1e-6, "rtol": 1e-5}
 SHAPES = ((10, 5), (10,), (3, 4, 2), ())
@@ -35,6 +36,30 @@ def clones(ref):
 def assert_params(ref, ours) -> None:
     for r, o in zip(ref, ours):
         torch.testing.assert_close(o, r, **TOL)
+
+
+#: rule -> the tests ("file::function") that check it against an independent implementation; a built-in
+#: rule without one fails test_every_builtin_rule_has_an_independent_reference
+REFERENCES = {
+    "adamw": ["test_adamw.py::test_parity_with_torch_adamw_fp32"],
+    "lion": ["test_rules.py::test_lion_matches_lion_pytorch"],
+    "lamb": ["test_rules.py::test_lamb_matches_paper_algorithm"],
+    "lars": ["test_rules.py::test_lars_matches_pytorch_optimizer"],
+    "stable_adamw": ["test_rules.py::test_stable_adamw_matches_optimi"],
+    "adan": ["test_rules.py::test_adan_matches_optimi"],
+    "ranger": ["test_rules.py::test_ranger_matches_optimi"],
+    "sgd": ["test_rules.py::test_sgd_matches_torch"],
+}
+
+
+@pytest.mark.parametrize("rule", builtin_rules(), ids=lambda r: r.name)
+def test_every_builtin_rule_has_an_independent_reference(rule):
+    import importlib
+
+    assert REFERENCES.get(rule.name), f"built-in rule {rule.name!r} has no parity test against an independent reference"
+    for where in REFERENCES[rule.name]:
+        module, _, function = where.partition("::")
+        assert callable(getattr(importlib.import_module(module.removesuffix(".py")), function, None)), where
 
 
 # --- Lion vs lion_pytorch ----------------------------------------------------------------
@@ -274,14 +299,11 @@ def test_no_hidden_gradient_clipping_in_lamb_and_lars():
 
 # --- compiled == eager ---------------------------------------------------------------------------
 
+#: structural flags a rule's compiled graph should also be checked with (its example sets the numbers)
+COMPILED_FLAGS = {"sgd": {"nesterov": True, "dampening": 0.0}, "lamb": {"bias_correction": False}}
+#: every built-in rule but AdamW (its compiled parity, with a 0-d param and an unfrozen one: test_adamw.py)
 COMPILED_CASES = {
-    "lion": {"lr": 3e-4, "betas": (0.95, 0.98), "weight_decay": 0.1},
-    "lamb": {"lr": 1e-2, "betas": (0.85, 0.99), "weight_decay": 0.1},
-    "lars": {"lr": 0.5, "momentum": 0.8, "weight_decay": 0.1, "trust_coefficient": 0.02},
-    "stable_adamw": {"lr": 1e-2, "betas": (0.8, 0.95), "weight_decay": 0.1},
-    "adan": {"lr": 1e-2, "betas": (0.95, 0.9, 0.98), "weight_decay": 0.1},
-    "ranger": {"lr": 1e-2, "betas": (0.85, 0.98), "weight_decay": 0.1, "k": 3},
-    "sgd": {"lr": 0.05, "momentum": 0.8, "weight_decay": 0.1, "nesterov": True},
+    rule.name: {**rule.example, **COMPILED_FLAGS.get(rule.name, {})} for rule in builtin_rules() if rule.name != "adamw"
 }
 
 

@@ -1,4 +1,4 @@
-"""Lion, LAMB, LARS, StableAdamW, Adan, Ranger, SGD: the API bar (TESTING.md rows 1, 2, 6).
+"""Every built-in rule (read from the rule registry): the API bar (TESTING.md rows 1, 2, 6).
 
 Bad input raises at construction naming key and value; every accepted
 hyperparameter changes the update; every rule goes downhill; a state dict
@@ -15,19 +15,13 @@ import torch
 from helpers import quadratic_params, roundtrip, set_grads
 
 import hf_optim
+from hf_optim.rules.registry import builtin_rules
 
-RULES = ["lion", "lamb", "lars", "stable_adamw", "adan", "ranger", "sgd"]
+#: every built-in rule (tests/test_register_rule.py checks the same for a rule registered at run time)
+RULES = [rule.name for rule in builtin_rules()]
 
-#: non-default settings per rule, the base of the "every kwarg changes the update" check
-BASE = {
-    "lion": {"lr": 3e-4, "betas": (0.95, 0.98), "weight_decay": 0.1},
-    "lamb": {"lr": 1e-2, "betas": (0.85, 0.99), "eps": 1e-5, "weight_decay": 0.1},
-    "lars": {"lr": 0.5, "momentum": 0.8, "dampening": 0.1, "weight_decay": 0.1, "trust_coefficient": 0.02},
-    "stable_adamw": {"lr": 1e-2, "betas": (0.8, 0.95), "eps": 1e-3, "weight_decay": 0.1},
-    "adan": {"lr": 1e-2, "betas": (0.95, 0.9, 0.98), "eps": 1e-3, "weight_decay": 0.1},
-    "ranger": {"lr": 1e-2, "betas": (0.85, 0.98), "eps": 1e-3, "weight_decay": 0.1, "k": 2, "alpha": 0.6},
-    "sgd": {"lr": 0.05, "momentum": 0.8, "dampening": 0.1, "weight_decay": 0.1},
-}
+#: non-default settings per rule (each rule's own ``example``), the base of the "every kwarg changes the update" check
+BASE = {rule.name: dict(rule.example) for rule in builtin_rules()}
 
 
 def build(name, params, **hp):
@@ -95,7 +89,7 @@ def _variants(name):
                 betas = list(hp[key])
                 betas[i] *= 0.9
                 yield f"{key}[{i}]", {**hp, key: tuple(betas)}
-        elif key == "k":
+        elif isinstance(value, int):  # a count (Ranger's k)
             yield key, {**hp, key: hp[key] + 1}
         else:
             yield key, {**hp, key: hp[key] * 0.5 if hp[key] else 0.1}
@@ -126,8 +120,10 @@ def test_every_accepted_kwarg_changes_the_update(name, key, hp):
 
 # --- row 2: downhill on (W·x + b)^2 -----------------------------------------------------------
 
-DOWNHILL_LR = {"lion": 3e-2, "lamb": 5e-2, "lars": 5e-2, "stable_adamw": 5e-2, "adan": 5e-2, "ranger": 2e-1,
-               "sgd": 5e-2}
+#: a quick-descent setting per rule where its example (the default for a rule not listed) descends too slowly
+DOWNHILL = {"adamw": {"lr": 5e-2}, "lion": {"lr": 3e-2}, "lamb": {"lr": 5e-2},
+            "lars": {"lr": 0.5, "trust_coefficient": 0.1}, "stable_adamw": {"lr": 5e-2}, "adan": {"lr": 5e-2},
+            "ranger": {"lr": 2e-1}, "sgd": {"lr": 5e-2, "momentum": 0.9}}
 
 
 @pytest.mark.filterwarnings("ignore:Lion got")
@@ -141,12 +137,7 @@ def test_goes_downhill(name, contiguous, schedule):
     w.requires_grad_()
     b = torch.randn(4, generator=gen).requires_grad_()
     assert w.is_contiguous() == contiguous
-    hp = {"lr": DOWNHILL_LR[name]}
-    if name == "lars":
-        hp.update(trust_coefficient=0.1, lr=0.5)
-    if name == "sgd":
-        hp.update(momentum=0.9)
-    opt = build(name, [w, b], **hp)
+    opt = build(name, [w, b], **DOWNHILL.get(name, BASE[name]))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=20) if schedule else None
     losses = []
     for _ in range(20):
@@ -194,11 +185,13 @@ def test_state_dict_resume_is_exact(name):
 
 
 def test_registry_names_and_transformers_aliases():
-    for name, cls in [("lion", hf_optim.Lion), ("lion_32bit", hf_optim.Lion), ("stable_adamw", hf_optim.StableAdamW),
-                      ("lamb", hf_optim.LAMB), ("lars", hf_optim.LARS), ("adan", hf_optim.Adan),
-                      ("ranger", hf_optim.Ranger), ("sgd", hf_optim.SGD)]:
-        spec = hf_optim.get_spec(name)
-        assert spec.load_class() is cls and spec.state_precision == "fp32"
+    for rule in builtin_rules():
+        cls = getattr(hf_optim, rule.__name__)  # the public class, named as the rule class
+        assert cls.rule is rule and cls.__module__ == "hf_optim.optimizers" and cls.__qualname__ == rule.__name__
+        for name in (rule.name, rule.name + "_32bit"):
+            spec = hf_optim.get_spec(name)
+            assert spec.load_class() is cls and spec.state_precision == "fp32"
+    assert hf_optim.get_spec("lion_32bit").load_class() is hf_optim.Lion
     assert hf_optim.get_spec("paged_lion_32bit").placement == "paged"
     assert hf_optim.SGD.rule.defaults["lr"] == torch.optim.SGD([torch.zeros(1)]).defaults["lr"]
 
@@ -207,7 +200,6 @@ def test_every_optimizer_class_documents_its_rule():
     # help(hf_optim.AdamW) shows the rule module's formula and paper, then where the engine options are
     import sys
 
-    for cls in (hf_optim.AdamW, hf_optim.Lion, hf_optim.LAMB, hf_optim.LARS, hf_optim.StableAdamW, hf_optim.Adan,
-                hf_optim.Ranger, hf_optim.SGD):
+    for cls in (hf_optim.get_spec(rule.name).load_class() for rule in builtin_rules()):
         module_doc = sys.modules[cls.rule.__module__].__doc__
         assert module_doc and cls.__doc__.startswith(module_doc) and "hf_optim.Optimizer" in cls.__doc__, cls

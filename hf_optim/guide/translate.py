@@ -12,7 +12,8 @@ rule and says why, so the reasoning travels with the numbers::
     {'lr': 6e-05, 'weight_decay': 0.5, 'betas': (0.9, 0.99)}
     >>> print(t.reasoning)
 
-Every rule is related to AdamW by a factor on lr and on weight decay; a
+Every rule is related to AdamW by a factor on lr and on weight decay, which
+the rule declares (its ``relation``, an ``hf_optim.rules.Relation``); a
 translation goes through AdamW (``lion -> adamw -> lamb``). ``batch_size``
 with ``from_batch_size`` also rescales lr for a batch-size change (square
 root for the Adam family, linear for LARS/SGD-style rules). LARS and SGD have
@@ -24,82 +25,11 @@ says what to do instead.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-#: lr is divided and weight decay multiplied by this for Lion (the paper: 3-10x)
-LION_FACTOR = 5.0
-
-
-@dataclass(frozen=True)
-class _Relation:
-    """How one rule's hyperparameters relate to AdamW's."""
-
-    lr_factor: float
-    wd_factor: float
-    batch_scaling: str  # "sqrt" or "linear"
-    note: str
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-_RELATIONS: dict[str, _Relation] = {
-    "adamw": _Relation(1.0, 1.0, "sqrt", "AdamW is the reference point."),
-    "lion": _Relation(
-        1 / LION_FACTOR,
-        LION_FACTOR,
-        "sqrt",
-        "Lion's update is a sign, so every weight moves by the full lr each step and the update norm is "
-        "larger than Adam's: the Lion paper uses an lr 3-10x smaller than AdamW's (here /"
-        f"{LION_FACTOR:g}). Decoupled decay per step is lr*wd, so weight decay goes up by the same "
-        f"factor (x{LION_FACTOR:g}) to keep the effective decay unchanged. betas (0.9, 0.99) are the "
-        "paper's; (0.95, 0.98) steadies unstable runs.",
-        {"betas": (0.9, 0.99)},
-    ),
-    "lamb": _Relation(
-        1.0,
-        1.0,
-        "sqrt",
-        "LAMB scales each layer's Adam step by ||w||/||update||, so lr becomes a relative step size and "
-        "LAMB tolerates higher values than AdamW (2-10x is common at large batch sizes); start from AdamW's "
-        "lr and raise it as the batch grows (square-root scaling, as the LAMB paper does for BERT). "
-        "Weight decay carries over; biases and norms are excluded from decay and the trust ratio.",
-    ),
-    "stable_adamw": _Relation(
-        1.0,
-        1.0,
-        "sqrt",
-        "StableAdamW is AdamW with per-tensor update clipping: lr and weight decay carry over unchanged; "
-        "drop gradient clipping (max_grad_norm=0), which the update clipping replaces, and use "
-        "beta2 0.99 so the second moment follows recent gradients.",
-        {"betas": (0.9, 0.99)},
-    ),
-    "adan": _Relation(
-        1.0,
-        2.0,
-        "sqrt",
-        "Adan works with AdamW-sized learning rates (the paper often uses ~1.5x larger at large batch) and "
-        "somewhat stronger weight decay (its default 0.02 vs AdamW's 0.01; here x2). Its three betas are "
-        "old-value weights, (0.98, 0.92, 0.99) -- not the paper's (0.02, 0.08, 0.01).",
-        {"betas": (0.98, 0.92, 0.99)},
-    ),
-    "ranger": _Relation(
-        1.0,
-        1.0,
-        "sqrt",
-        "Ranger (RAdam + Lookahead) takes AdamW's lr and weight decay; RAdam's rectification is a built-in "
-        "warmup, so lr warmup can be shortened or dropped. Lookahead k=6, alpha=0.5.",
-        {"betas": (0.9, 0.99)},
-    ),
-}
-
-_NO_EQUIVALENT = {
-    "lars": "LARS's lr multiplies a layer-wise trust ratio (each matrix moves ~lr*trust_coefficient of its "
-    "norm per step), so there is no AdamW-equivalent value: start from lr ~0.3 x batch/256 with "
-    "trust_coefficient 1e-3 and weight decay 1e-6..1e-4 (SimCLR's recipe) and tune.",
-    "sgd": "SGD's step scales with the raw gradient while Adam's is normalized, so there is no AdamW-"
-    "equivalent lr: for CNNs start from lr 0.1 x batch/256, momentum 0.9, weight decay 5e-4 (coupled) "
-    "with a cosine schedule, and tune.",
-}
+from ..rules.base import Relation
+from ..rules.lion import LION_FACTOR as LION_FACTOR  # re-exported: the rule's own number, used by recommend
 
 
 @dataclass(frozen=True)
@@ -116,13 +46,19 @@ class HparamTranslation:
         return f"{self.from_} -> {self.to}: {pairs}\n{self.reasoning}"
 
 
-def _relation(name: str, role: str) -> _Relation:
-    if name in _NO_EQUIVALENT:
-        raise ValueError(f"cannot translate {role}={name!r}: {_NO_EQUIVALENT[name]}")
-    if name not in _RELATIONS:
-        known = sorted([*_RELATIONS, *_NO_EQUIVALENT])
-        raise ValueError(f"Unknown {role} {name!r}; known rules: {', '.join(known)}")
-    return _RELATIONS[name]
+def _relation(name: str, role: str) -> Relation:
+    from ..rules.registry import get_rule, registered_rules
+
+    rule = get_rule(name)
+    if rule is None:
+        raise ValueError(f"Unknown {role} {name!r}; known rules: {', '.join(sorted(registered_rules()))}")
+    relation = rule.relation
+    if relation is None:
+        raise ValueError(f"cannot translate {role}={name!r}: the rule declares no relation to AdamW's "
+                         "hyperparameters (its class attribute `relation`)")
+    if not relation.has_equivalent:
+        raise ValueError(f"cannot translate {role}={name!r}: {relation.note}")
+    return relation
 
 
 def _rounded(x: float) -> float:
@@ -158,6 +94,7 @@ def translate_hparams(
         raise ValueError(f"Invalid learning rate: {lr!r} (expected a positive number)")
     if not (isinstance(weight_decay, int | float) and weight_decay >= 0 and math.isfinite(weight_decay)):
         raise ValueError(f"Invalid weight_decay value: {weight_decay!r} (expected a number >= 0)")
+    assert src.lr_factor and dst.lr_factor and src.wd_factor and dst.wd_factor  # has_equivalent, checked above
     new_lr = lr / src.lr_factor * dst.lr_factor
     new_wd = weight_decay / src.wd_factor * dst.wd_factor
     lines = []

@@ -26,6 +26,7 @@ from torch import Tensor
 from .base import (
     Buffer,
     NormFn,
+    Relation,
     UpdateRule,
     moment_coefficients,
     update_moments,
@@ -45,6 +46,9 @@ class AdamW(UpdateRule):
         "maximize": False,
     }
     flag_names = frozenset({"amsgrad", "maximize"})
+    relation = Relation(1.0, 1.0, "sqrt", "AdamW is the reference point.")
+    example = {"lr": 3e-3, "betas": (0.8, 0.99), "eps": 1e-3, "weight_decay": 0.1}
+    takes_over_transformers_name = True  # adamw_8bit, paged_adamw_32bit, ...: bitsandbytes' AdamW in transformers
 
     @classmethod
     def buffers(cls, flags: Mapping[str, Any]) -> tuple[Buffer, ...]:

@@ -33,7 +33,7 @@ from typing import Any
 
 from torch import Tensor
 
-from .base import Buffer, NormFn, UpdateRule, moment_coefficients
+from .base import Buffer, NormFn, Relation, UpdateRule, moment_coefficients
 
 
 class Adan(UpdateRule):
@@ -41,6 +41,16 @@ class Adan(UpdateRule):
     name = "adan"
     description = "Adan: Nesterov-style momentum with gradient differences; three betas (old-value weights)"
     defaults = {"lr": 1e-3, "betas": (0.98, 0.92, 0.99), "eps": 1e-8, "weight_decay": 0.02}
+    relation = Relation(
+        1.0,
+        2.0,
+        "sqrt",
+        "Adan works with AdamW-sized learning rates (the paper often uses ~1.5x larger at large batch) and "
+        "somewhat stronger weight decay (its default 0.02 vs AdamW's 0.01; here x2). Its three betas are "
+        "old-value weights, (0.98, 0.92, 0.99) -- not the paper's (0.02, 0.08, 0.01).",
+        {"betas": (0.98, 0.92, 0.99)},
+    )
+    example = {"lr": 1e-2, "betas": (0.95, 0.9, 0.98), "eps": 1e-3, "weight_decay": 0.1}
 
     @classmethod
     def buffers(cls, flags: Mapping[str, Any]) -> tuple[Buffer, ...]:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -46,6 +46,34 @@ class Buffer:
     kind: BufferKind
 
 
+@dataclass(frozen=True)
+class Relation:
+    """How a rule's hyperparameters relate to AdamW's, for ``hf_optim.translate_hparams``.
+
+    A tuned AdamW ``lr`` times ``lr_factor`` (and weight decay times ``wd_factor``) is this
+    rule's starting point; ``batch_scaling`` says how lr follows a batch-size change
+    (``"sqrt"`` for the Adam family, ``"linear"`` for SGD-style rules); ``note`` is the reasoning
+    shown to the user and ``extra`` values the rule wants besides (its betas, say).
+    ``lr_factor=None`` says there is no AdamW-equivalent lr (LARS, SGD): translating to or from
+    the rule is then an error whose text is ``note``.
+    """
+
+    lr_factor: float | None
+    wd_factor: float | None
+    batch_scaling: Literal["sqrt", "linear"]
+    note: str
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def no_equivalent(cls, note: str, batch_scaling: Literal["sqrt", "linear"] = "linear") -> Relation:
+        """A rule whose lr has no AdamW equivalent; ``note`` says where to start instead."""
+        return cls(None, None, batch_scaling, note)
+
+    @property
+    def has_equivalent(self) -> bool:
+        return self.lr_factor is not None
+
+
 class UpdateRule:
     """Base class: subclasses set the class attributes and implement ``update``."""
 
@@ -57,6 +85,14 @@ class UpdateRule:
     flag_names: ClassVar[frozenset[str]] = frozenset()
     #: a one-line description for ``hf-optim list``
     description: ClassVar[str] = ""
+    #: how its hyperparameters relate to AdamW's (``translate_hparams``); None: no guidance known
+    relation: ClassVar[Relation | None] = None
+    #: valid, non-default values for every numeric hyperparameter: what the tests and the docs use as
+    #: "non-default hyperparameters" (a decay or beta left at its default can hide a bug)
+    example: ClassVar[Mapping[str, Any]] = {}
+    #: True only where the name is also a transformers ``optim`` value and this rule is the same math
+    #: (``sgd``: torch.optim.SGD): hf_optim then takes the name over instead of refusing the clash
+    takes_over_transformers_name: ClassVar[bool] = False
     #: opt-in: the engine adds ``param_ndim`` (the parameter's original ``ndim``,
     #: before flattening) to ``flags``, so a rule can treat biases and norm
     #: weights (``ndim <= 1``) differently; one compiled graph per ndim

@@ -45,6 +45,7 @@ from torch import Tensor
 from .base import (
     Buffer,
     NormFn,
+    Relation,
     UpdateRule,
     moment_coefficients,
     trust_ratio,
@@ -65,6 +66,16 @@ class LAMB(UpdateRule):
     }
     flag_names = frozenset({"bias_correction", "exclude_bias_and_norm"})
     wants_param_ndim = True
+    relation = Relation(
+        1.0,
+        1.0,
+        "sqrt",
+        "LAMB scales each layer's Adam step by ||w||/||update||, so lr becomes a relative step size and "
+        "LAMB tolerates higher values than AdamW (2-10x is common at large batch sizes); start from AdamW's "
+        "lr and raise it as the batch grows (square-root scaling, as the LAMB paper does for BERT). "
+        "Weight decay carries over; biases and norms are excluded from decay and the trust ratio.",
+    )
+    example = {"lr": 1e-2, "betas": (0.85, 0.99), "eps": 1e-5, "weight_decay": 0.1}
 
     @classmethod
     def buffers(cls, flags: Mapping[str, Any]) -> tuple[Buffer, ...]:

@@ -34,6 +34,7 @@ from torch import Tensor
 from .base import (
     Buffer,
     NormFn,
+    Relation,
     UpdateRule,
     check_non_negative,
     check_unit_interval,
@@ -55,6 +56,12 @@ class LARS(UpdateRule):
     }
     flag_names = frozenset({"nesterov", "exclude_bias_and_norm"})
     wants_param_ndim = True
+    relation = Relation.no_equivalent(
+        "LARS's lr multiplies a layer-wise trust ratio (each matrix moves ~lr*trust_coefficient of its "
+        "norm per step), so there is no AdamW-equivalent value: start from lr ~0.3 x batch/256 with "
+        "trust_coefficient 1e-3 and weight decay 1e-6..1e-4 (SimCLR's recipe) and tune."
+    )
+    example = {"lr": 0.5, "momentum": 0.8, "dampening": 0.1, "weight_decay": 0.1, "trust_coefficient": 0.02}
 
     @classmethod
     def buffers(cls, flags: Mapping[str, Any]) -> tuple[Buffer, ...]:

@@ -24,12 +24,14 @@ from typing import Any
 from torch import Tensor
 
 from ..util.user_warnings import warn_user
-from .base import Buffer, NormFn, UpdateRule, _as_float, moment_coefficients
+from .base import Buffer, NormFn, Relation, UpdateRule, _as_float, moment_coefficients
 
 #: an lr at or above this is AdamW-sized for Lion
 LION_MAX_LR = 1e-3
 #: a non-zero weight decay below this is AdamW-sized for Lion
 LION_MIN_WEIGHT_DECAY = 0.03
+#: translate_hparams divides AdamW's lr and multiplies its weight decay by this (the paper: 3-10x)
+LION_FACTOR = 5.0
 
 
 def adamw_sized_advice(lr: float, wd: float) -> str:
@@ -50,6 +52,19 @@ class Lion(UpdateRule):
     name = "lion"
     description = "Lion: sign of interpolated momentum; one state buffer, lr 3-10x below AdamW's"
     defaults = {"lr": 1e-4, "betas": (0.9, 0.99), "weight_decay": 0.1}
+    relation = Relation(
+        1 / LION_FACTOR,
+        LION_FACTOR,
+        "sqrt",
+        "Lion's update is a sign, so every weight moves by the full lr each step and the update norm is "
+        "larger than Adam's: the Lion paper uses an lr 3-10x smaller than AdamW's (here /"
+        f"{LION_FACTOR:g}). Decoupled decay per step is lr*wd, so weight decay goes up by the same "
+        f"factor (x{LION_FACTOR:g}) to keep the effective decay unchanged. betas (0.9, 0.99) are the "
+        "paper's; (0.95, 0.98) steadies unstable runs.",
+        {"betas": (0.9, 0.99)},
+    )
+    example = {"lr": 3e-4, "betas": (0.95, 0.98), "weight_decay": 0.2}
+    takes_over_transformers_name = True  # lion_8bit, paged_lion_32bit, ...: bitsandbytes' Lion in transformers
 
     @classmethod
     def buffers(cls, flags: Mapping[str, Any]) -> tuple[Buffer, ...]:

@@ -36,6 +36,7 @@ from torch import Tensor
 from .base import (
     Buffer,
     NormFn,
+    Relation,
     UpdateRule,
     _as_float,
     check_unit_interval,
@@ -49,6 +50,15 @@ class Ranger(UpdateRule):
     name = "ranger"
     description = "Ranger: RAdam + Lookahead (slow weights every k steps); little warmup needed"
     defaults = {"lr": 1e-3, "betas": (0.9, 0.99), "eps": 1e-6, "weight_decay": 0.0, "k": 6, "alpha": 0.5}
+    relation = Relation(
+        1.0,
+        1.0,
+        "sqrt",
+        "Ranger (RAdam + Lookahead) takes AdamW's lr and weight decay; RAdam's rectification is a built-in "
+        "warmup, so lr warmup can be shortened or dropped. Lookahead k=6, alpha=0.5.",
+        {"betas": (0.9, 0.99)},
+    )
+    example = {"lr": 1e-2, "betas": (0.85, 0.98), "eps": 1e-3, "weight_decay": 0.1, "k": 2, "alpha": 0.6}
 
     @classmethod
     def buffers(cls, flags: Mapping[str, Any]) -> tuple[Buffer, ...]:

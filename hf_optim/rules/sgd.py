@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import Buffer, NormFn, UpdateRule, check_non_negative
+from .base import Buffer, NormFn, Relation, UpdateRule, check_non_negative
 
 
 class SGD(UpdateRule):
@@ -40,6 +40,13 @@ class SGD(UpdateRule):
         "maximize": False,
     }
     flag_names = frozenset({"nesterov", "maximize"})
+    relation = Relation.no_equivalent(
+        "SGD's step scales with the raw gradient while Adam's is normalized, so there is no AdamW-"
+        "equivalent lr: for CNNs start from lr 0.1 x batch/256, momentum 0.9, weight decay 5e-4 (coupled) "
+        "with a cosine schedule, and tune."
+    )
+    example = {"lr": 0.05, "momentum": 0.8, "dampening": 0.1, "weight_decay": 0.1}
+    takes_over_transformers_name = True  # transformers' "sgd" is torch.optim.SGD: same math, same defaults
 
     @classmethod
     def buffers(cls, flags: Mapping[str, Any]) -> tuple[Buffer, ...]:

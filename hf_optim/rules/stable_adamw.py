@@ -32,6 +32,7 @@ from torch import Tensor
 from .base import (
     Buffer,
     NormFn,
+    Relation,
     UpdateRule,
     global_mean_sqrt,
     moment_coefficients,
@@ -43,6 +44,17 @@ class StableAdamW(UpdateRule):
     name = "stable_adamw"
     description = "StableAdamW: AdamW with per-tensor update-RMS clipping; no gradient clipping needed"
     defaults = {"lr": 1e-3, "betas": (0.9, 0.99), "eps": 1e-6, "weight_decay": 1e-2}
+    relation = Relation(
+        1.0,
+        1.0,
+        "sqrt",
+        "StableAdamW is AdamW with per-tensor update clipping: lr and weight decay carry over unchanged; "
+        "drop gradient clipping (max_grad_norm=0), which the update clipping replaces, and use "
+        "beta2 0.99 so the second moment follows recent gradients.",
+        {"betas": (0.9, 0.99)},
+    )
+    example = {"lr": 1e-2, "betas": (0.8, 0.95), "eps": 1e-3, "weight_decay": 0.1}
+    takes_over_transformers_name = True  # transformers' "stable_adamw" is torch-optimi's: the same algorithm
 
     @classmethod
     def buffers(cls, flags: Mapping[str, Any]) -> tuple[Buffer, ...]:
