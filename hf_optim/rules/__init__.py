@@ -23,3 +23,6 @@ __all__ = [
     "StableAdamW",
     "UpdateRule",
 ]
+
+#: the rules this package ships (native.KERNELS is built from their ``native`` bindings)
+BUILT_IN: tuple[type[UpdateRule], ...] = (AdamW, Lion, SGD, Adan, Ranger, LAMB, LARS, StableAdamW)

@@ -30,6 +30,7 @@ from .base import (
     moment_coefficients,
     update_moments,
 )
+from .native_binding import NativeBinding
 
 
 class AdamW(UpdateRule):
@@ -45,6 +46,13 @@ class AdamW(UpdateRule):
         "maximize": False,
     }
     flag_names = frozenset({"amsgrad", "maximize"})
+
+    native = NativeBinding(
+        kernel="adamw",
+        coefficients=("decay", "beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "step_size",
+                      "inv_bias_correction2_sqrt", "eps"),
+        flags=("maximize", "amsgrad"),
+    )
 
     @classmethod
     def buffers(cls, flags: Mapping[str, Any]) -> tuple[Buffer, ...]:

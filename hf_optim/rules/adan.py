@@ -34,6 +34,7 @@ from typing import Any
 from torch import Tensor
 
 from .base import Buffer, NormFn, UpdateRule, moment_coefficients
+from .native_binding import NativeBinding
 
 
 class Adan(UpdateRule):
@@ -41,6 +42,13 @@ class Adan(UpdateRule):
     name = "adan"
     description = "Adan: Nesterov-style momentum with gradient differences; three betas (old-value weights)"
     defaults = {"lr": 1e-3, "betas": (0.98, 0.92, 0.99), "eps": 1e-8, "weight_decay": 0.02}
+
+    native = NativeBinding(
+        kernel="adan",
+        coefficients=("lr", "inv_decay", "beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "beta3",
+                      "one_minus_beta3", "inv_bias_correction1", "diff_scale", "inv_bias_correction3_sqrt", "has_prev",
+                      "eps"),
+    )
 
     @classmethod
     def buffers(cls, flags: Mapping[str, Any]) -> tuple[Buffer, ...]:

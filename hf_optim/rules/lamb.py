@@ -50,6 +50,7 @@ from .base import (
     trust_ratio,
     update_moments,
 )
+from .native_binding import NativeBinding
 
 
 class LAMB(UpdateRule):
@@ -65,6 +66,16 @@ class LAMB(UpdateRule):
     }
     flag_names = frozenset({"bias_correction", "exclude_bias_and_norm"})
     wants_param_ndim = True
+
+    # a norm pass, then the update; bias_correction changes only coefficients, and exclude_bias_and_norm with
+    # param_ndim <= 1 is the kernel's plain step (FLAG_PLAIN)
+    native = NativeBinding(
+        kernel="lamb",
+        coefficients=("lr", "weight_decay", "beta1", "one_minus_beta1", "beta2", "one_minus_beta2",
+                      "inv_bias_correction1", "inv_bias_correction2_sqrt", "inv_bias_correction2", "eps"),
+        folded_flags=("bias_correction", "exclude_bias_and_norm", "param_ndim"),
+        layerwise="lamb", per_parameter=("scale",),
+    )
 
     @classmethod
     def buffers(cls, flags: Mapping[str, Any]) -> tuple[Buffer, ...]:

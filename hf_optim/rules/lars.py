@@ -39,6 +39,7 @@ from .base import (
     check_unit_interval,
     trust_ratio,
 )
+from .native_binding import NativeBinding
 
 
 class LARS(UpdateRule):
@@ -55,6 +56,13 @@ class LARS(UpdateRule):
     }
     flag_names = frozenset({"nesterov", "exclude_bias_and_norm"})
     wants_param_ndim = True
+
+    native = NativeBinding(
+        kernel="lars",
+        coefficients=("lr", "weight_decay", "momentum", "one_minus_dampening", "has_momentum", "trust_coefficient"),
+        flags=("nesterov",), folded_flags=("exclude_bias_and_norm", "param_ndim"),
+        layerwise="lars", per_parameter=("trust",),
+    )
 
     @classmethod
     def buffers(cls, flags: Mapping[str, Any]) -> tuple[Buffer, ...]:

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from ..user_warnings import warn_user
 from .base import Buffer, NormFn, UpdateRule, _as_float, moment_coefficients
+from .native_binding import NativeBinding
 
 #: an lr at or above this is AdamW-sized for Lion
 LION_MAX_LR = 1e-3
@@ -50,6 +51,10 @@ class Lion(UpdateRule):
     name = "lion"
     description = "Lion: sign of interpolated momentum; one state buffer, lr 3-10x below AdamW's"
     defaults = {"lr": 1e-4, "betas": (0.9, 0.99), "weight_decay": 0.1}
+
+    native = NativeBinding(
+        kernel="lion", coefficients=("lr", "decay", "beta1", "one_minus_beta1", "beta2", "one_minus_beta2"),
+    )
 
     @classmethod
     def buffers(cls, flags: Mapping[str, Any]) -> tuple[Buffer, ...]:

@@ -42,6 +42,7 @@ from .base import (
     moment_coefficients,
     update_moments,
 )
+from .native_binding import NativeBinding
 
 
 class Ranger(UpdateRule):
@@ -49,6 +50,12 @@ class Ranger(UpdateRule):
     name = "ranger"
     description = "Ranger: RAdam + Lookahead (slow weights every k steps); little warmup needed"
     defaults = {"lr": 1e-3, "betas": (0.9, 0.99), "eps": 1e-6, "weight_decay": 0.0, "k": 6, "alpha": 0.5}
+
+    native = NativeBinding(
+        kernel="ranger",
+        coefficients=("lr", "decay", "beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "inv_bias_correction1",
+                      "inv_bias_correction2_sqrt", "rectify", "rect", "eps", "sync", "alpha"),
+    )
 
     @classmethod
     def buffers(cls, flags: Mapping[str, Any]) -> tuple[Buffer, ...]:

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from .base import Buffer, NormFn, UpdateRule, check_non_negative
+from .native_binding import NativeBinding
 
 
 class SGD(UpdateRule):
@@ -40,6 +41,11 @@ class SGD(UpdateRule):
         "maximize": False,
     }
     flag_names = frozenset({"nesterov", "maximize"})
+
+    native = NativeBinding(
+        kernel="sgd", coefficients=("lr", "weight_decay", "momentum", "one_minus_dampening", "first", "has_momentum"),
+        flags=("maximize", "nesterov"),
+    )
 
     @classmethod
     def buffers(cls, flags: Mapping[str, Any]) -> tuple[Buffer, ...]:

@@ -37,12 +37,20 @@ from .base import (
     moment_coefficients,
     update_moments,
 )
+from .native_binding import NativeBinding
 
 
 class StableAdamW(UpdateRule):
     name = "stable_adamw"
     description = "StableAdamW: AdamW with per-tensor update-RMS clipping; no gradient clipping needed"
     defaults = {"lr": 1e-3, "betas": (0.9, 0.99), "eps": 1e-6, "weight_decay": 1e-2}
+
+    native = NativeBinding(
+        kernel="stable_adamw",
+        coefficients=("beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "inv_bias_correction1",
+                      "inv_bias_correction2", "inv_bias_correction2_sqrt", "eps", "eps_sq", "lr", "weight_decay"),
+        layerwise="stable_adamw", per_parameter=("lr", "decay"),
+    )
 
     @classmethod
     def buffers(cls, flags: Mapping[str, Any]) -> tuple[Buffer, ...]:
