@@ -18,6 +18,7 @@
 
 /* hf_optim/rules/lamb.py (coefficients by name); ic: scale (trust ratio * lr); state exp_avg, exp_avg_sq.
    Sums: ||p||^2 and ||r||^2, r = m^ / (sqrt(v^) + eps) + wd * p. */
+#define LAMB_NORM_STREAMS (READ_PARAM | READ_GRAD | READ_STATE(0) | READ_STATE(1))
 static void lamb_norms(NORM_ARGS) {
   const float wd = c[LAMB_WEIGHT_DECAY], b1 = c[LAMB_BETA1], omb1 = c[LAMB_ONE_MINUS_BETA1], b2 = c[LAMB_BETA2],
               omb2 = c[LAMB_ONE_MINUS_BETA2], ibc1 = c[LAMB_INV_BIAS_CORRECTION1],
@@ -57,6 +58,7 @@ static void lamb(RULE_ARGS) {
 
 /* hf_optim/rules/lars.py (coefficients by name); ic: trust; state
    momentum_buffer. Sums: ||p||^2 and ||g||^2. */
+#define LARS_NORM_STREAMS (READ_PARAM | READ_GRAD)
 static void lars_norms(NORM_ARGS) {
   float pp = 0.0f, gg = 0.0f;
   (void)s, (void)c, (void)flags;
@@ -81,6 +83,7 @@ static void lars(RULE_ARGS) {
 
 /* hf_optim/rules/stable_adamw.py (coefficients by name); ic: lr_t, 1 - lr_t * wd; state exp_avg,
    exp_avg_sq. Sum: ||g / sqrt(max(v^, eps^2))||^2 (torch.maximum: NaN wins). */
+#define STABLE_ADAMW_NORM_STREAMS (READ_GRAD | READ_STATE(1))
 static void stable_adamw_norms(NORM_ARGS) {
   const float b2 = c[STABLE_ADAMW_BETA2], omb2 = c[STABLE_ADAMW_ONE_MINUS_BETA2],
               ibc2 = c[STABLE_ADAMW_INV_BIAS_CORRECTION2], eps_sq = c[STABLE_ADAMW_EPS_SQ];

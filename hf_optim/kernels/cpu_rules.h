@@ -8,6 +8,12 @@
 
 /* ---- update rules: fp32 blocks in place ---- */
 
+/* what a block's pass reads: the parameter, the gradient, state buffer k (the update pass: all of them) */
+#define READ_PARAM 1
+#define READ_GRAD 2
+#define READ_STATE(k) (4 << (k))
+#define READ_ALL (-1)
+
 /* a rule's block: parameter, gradient, state buffers, the step's coefficients ``c`` and the parameter's own ``ic``
    (layer-wise rules: what the norm pass decided, e.g. LAMB's trust ratio; NULL for the others) */
 #define RULE_ARGS int n, float *restrict p, const float *restrict g, float *const *s, const float *c, \

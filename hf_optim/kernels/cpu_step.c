@@ -54,6 +54,7 @@ typedef void norm_fn(NORM_ARGS);
 /* by RULE_ index (generated from the bindings): each rule's block function and norm pass (NULL: elementwise) */
 static rule_fn *const RULES[] = { RULE_FUNCTIONS };
 static norm_fn *const NORMS[] = { NORM_FUNCTIONS };
+static const int NORM_READS[] = { NORM_STREAMS }; /* what each norm pass reads (READ_*; cpu_layerwise.h) */
 #define N_RULES ((int)(sizeof(RULES) / sizeof(RULES[0])))
 
 /* ---- one block of one parameter ---- */
@@ -64,6 +65,7 @@ typedef struct {
   const float *coefficients, *item_coefficients; /* item_coefficients: n_item_coefficients per item, or NULL */
   int n_item_coefficients, n_buffers, param_dtype, flags;
   const int *storage;
+  int reads; /* what a block's pass reads (READ_*): the update pass everything, a norm pass what its rule says */
 } spec_t;
 
 /* a block's working copies: fp32 parameter and gradient (views, or bf16 widened), decoded state */
@@ -74,17 +76,19 @@ typedef struct {
   const float *g;
 } block_t;
 
-/* always inlined: as a function of its own, gcc judges a prefetch-only body side-effect free and deletes the call */
+/* always inlined: as a function of its own, gcc judges a prefetch-only body side-effect free and deletes the call
+   (a stream the pass does not read is not prefetched: that would double a StableAdamW norm pass's traffic) */
 static inline __attribute__((always_inline)) void prefetch_ahead(const spec_t *sp, const item_t *it, int64_t off) {
   if (off + (PREFETCH_AHEAD + 1) * BLOCK > it->numel) return;
   const int64_t ahead = off + PREFETCH_AHEAD * BLOCK;
   const int size = sp->param_dtype == PARAM_FP32 ? 4 : 2;
   const char *pa = (const char *)it->param + ahead * size, *ga = (const char *)it->grad + ahead * size;
   for (int line = 0; line < BLOCK * size; line += 64) {
-    __builtin_prefetch(pa + line, 1, 3);
-    __builtin_prefetch(ga + line, 0, 3);
+    if (sp->reads & READ_PARAM) __builtin_prefetch(pa + line, 1, 3);
+    if (sp->reads & READ_GRAD) __builtin_prefetch(ga + line, 0, 3);
   }
   for (int k = 0; k < sp->n_buffers; ++k) {
+    if (!(sp->reads & READ_STATE(k))) continue;
     const int state_size = sp->storage[k] == STORE_FP32 ? 4 : 1;
     const char *sa = (const char *)it->state[k] + ahead * state_size;
     for (int line = 0; line < BLOCK * state_size; line += 64) __builtin_prefetch(sa + line, 1, 3);
@@ -98,14 +102,19 @@ static void load_block(const spec_t *sp, const item_t *it, int64_t block, int n,
     b->g = (const float *)it->grad + off;
   } else {
     const uint16_t *ph = (const uint16_t *)it->param + off, *gh = (const uint16_t *)it->grad + off;
-    for (int i = 0; i < n; ++i) b->pbuf[i] = bf16_to_float(ph[i]), b->gbuf[i] = bf16_to_float(gh[i]);
-    if (sp->flags & FLAG_KAHAN) {
+    if (sp->reads & READ_GRAD)
+      for (int i = 0; i < n; ++i) b->gbuf[i] = bf16_to_float(gh[i]);
+    if (sp->reads & READ_PARAM)
+      for (int i = 0; i < n; ++i) b->pbuf[i] = bf16_to_float(ph[i]);
+    if (sp->flags & FLAG_KAHAN && sp->reads & READ_PARAM) {
       const uint16_t *kh = (const uint16_t *)it->kahan + off;
       for (int i = 0; i < n; ++i) b->pbuf[i] = b->pbuf[i] + bf16_to_float(kh[i]);
     }
     b->p = b->pbuf, b->g = b->gbuf;
   }
   for (int k = 0; k < sp->n_buffers; ++k) {
+    b->s[k] = b->sbuf[k];
+    if (!(sp->reads & READ_STATE(k))) continue; /* a norm pass that does not read it: not decoded */
     const float scale = sp->storage[k] == STORE_FP32 ? 0.0f : ((const float *)it->absmax[k])[block];
     switch (sp->storage[k]) {
       case STORE_FP32: b->s[k] = (float *)it->state[k] + off; break;
@@ -165,7 +174,7 @@ int hf_optim_step_items(int rule, const item_t *items, int64_t n_items, const in
                         int n_buffers, const int *storage, int param_dtype, int flags, int n_threads) {
   if (rule < 0 || rule >= N_RULES || n_buffers > MAX_BUFFERS) return 1;
   const spec_t sp = { RULES[rule], NORMS[rule], coefficients, item_coefficients, n_item_coefficients, n_buffers,
-                      param_dtype, flags, storage };
+                      param_dtype, flags, storage, READ_ALL };
   const int64_t total = first_block[n_items];
   for (int64_t i = 0; i < n_items; ++i)
     if (items[i].counter) *(float *)items[i].counter += 1.0f;
@@ -191,7 +200,8 @@ int hf_optim_norms(int rule, const item_t *items, int64_t n_items, const int64_t
                    const float *coefficients, int n_buffers, const int *storage, int param_dtype, int flags,
                    int n_threads, double *sums) {
   if (rule < 0 || rule >= N_RULES || !NORMS[rule] || n_buffers > MAX_BUFFERS) return 1;
-  const spec_t sp = { RULES[rule], NORMS[rule], coefficients, NULL, 0, n_buffers, param_dtype, flags, storage };
+  const spec_t sp = { RULES[rule], NORMS[rule], coefficients, NULL, 0, n_buffers, param_dtype, flags, storage,
+                      NORM_READS[rule] };
   const int64_t total = first_block[n_items];
   float *partial = malloc((size_t)(total > 0 ? total : 1) * 2 * sizeof(float));
   if (!partial) return 2;

@@ -6,12 +6,18 @@ block of 256 elements, all blocks of all parameters in one OpenMP loop. The
 kernel covers the rules in ``KERNELS`` (AdamW, Lion, SGD, Adan, Ranger, and the
 layer-wise LAMB, LARS and StableAdamW: a norm pass, then the update) with fp32
 or 8-bit state and fp32 or bf16 parameters; anything else runs compiled or
-eagerly. Where the compiler targets AVX-512 or AVX2 (+FMA) the quantizer runs
-on vectors; elsewhere (aarch64) its plain C loop, which the compiler vectorizes.
+eagerly. ``KERNELS`` is built from the built-in rules' ``native`` bindings
+(``hf_optim.rules.native_binding``): each names the coefficients its kernel
+reads and the flags it takes, and the build generates ``hf_optim_coefficients.h``
+from them, so C reads ``c[ADAMW_EPS]``, never a position kept by hand. Where
+the compiler targets AVX-512 or AVX2 (+FMA) the quantizer runs on vectors;
+elsewhere (aarch64) its plain C loop, which the compiler vectorizes. The C
+source is split by concern: ``cpu_step.c`` (blocks, loops, entry points) and
+the headers ``cpu_quantize.h``, ``cpu_rules.h``, ``cpu_layerwise.h``.
 
 The shared library is built on first use with ``-O3 -march=native`` (under a
 second) and cached under ``$HF_OPTIM_CACHE`` (default ``~/.cache/hf_optim``)
-by a hash of the source, flags, compiler and CPU, so it matches the machine it
+by a hash of the sources (the generated header too), flags, compiler and CPU, so it matches the machine it
 runs on; it is loaded with ctypes and links the OpenMP runtime torch already
 loaded. ``hf_optim.kernels.build`` keeps that cache private, builds
 atomically and verifies what it loads; a library is also checked against
@@ -120,8 +126,10 @@ def coefficient_header(kernels: Mapping[str, NativeKernel] | None = None,
         lines += [f"#define {prefix}_ITEM_{name.upper()} {i}" for i, name in enumerate(kernel.per_parameter)]
     rules = ", ".join(k.binding.kernel for k in ordered)
     norms = ", ".join(f"{k.binding.kernel}_norms" if k.binding.layerwise else "NULL" for k in ordered)
-    lines += ["", "/* the block function and the norm pass (NULL: elementwise) of each rule, by RULE_ index */",
-              f"#define RULE_FUNCTIONS {rules}", f"#define NORM_FUNCTIONS {norms}", "", "#endif", ""]
+    streams = ", ".join(f"{k.binding.kernel.upper()}_NORM_STREAMS" if k.binding.layerwise else "0" for k in ordered)
+    lines += ["", "/* by RULE_ index: each rule's block function, its norm pass (NULL: elementwise), what it reads */",
+              f"#define RULE_FUNCTIONS {rules}", f"#define NORM_FUNCTIONS {norms}", f"#define NORM_STREAMS {streams}",
+              "", "#endif", ""]
     return "\n".join(lines)
 
 
