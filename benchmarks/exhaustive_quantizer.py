@@ -92,7 +92,7 @@ def kernel() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         driver, exe = Path(tmp) / "driver.c", Path(tmp) / "driver"
         driver.write_text(DRIVER % {"source": native.SOURCE})
-        flags = [f for f in native.build_flags() if f not in ("-shared", "-fPIC")]
+        flags = native.driver_flags(Path(tmp))  # build flags and the generated header
         subprocess.run([cc, *flags, str(driver), "-o", str(exe), "-lm"], check=True)
         return subprocess.run([str(exe)]).returncode
 

@@ -5,14 +5,15 @@
 
 Whether a step can beat torch's fused fp32 AdamW by moving fewer bytes depends on
 whether it is memory-bound. A C driver, built with the kernel's own flags, calls
-``hf_optim_step`` (2 threads) on one parameter of
+``hf_optim_step`` (a layer-wise rule: its norm pass ``hf_optim_norms``, then
+``hf_optim_step_items``; 2 threads) on one parameter of
 
 - ``cache``: 256K elements, under 1.3 MiB per thread with the state, so each
   thread's share stays in its core's L2 between steps: arithmetic only;
 - ``16.8M``: the step-time benchmark's size.
 
 ``torch.optim.AdamW(fused=True)`` steps 16.8M parameters (8 tensors) in the same
-run; the three are timed in turns, several rounds, medians. Prints ns per
+run; all are timed in turns, several rounds, medians. Prints ns per
 parameter and the ratio to fused AdamW at 16.8M: a ``cache`` ratio above a
 speed target means no memory layout can reach that target with this arithmetic.
 """
@@ -39,12 +40,57 @@ DRIVER = r"""
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+
+/* a step's coefficients, by the names the rules' native bindings give them (hf_optim_coefficients.h) */
+static void coefficients(int rule, float *c) {
+  memset(c, 0, 16 * sizeof(float));
+  switch (rule) {
+    case RULE_ADAMW:
+      c[ADAMW_DECAY] = 0.99999f, c[ADAMW_BETA1] = 0.9f, c[ADAMW_ONE_MINUS_BETA1] = 0.1f, c[ADAMW_BETA2] = 0.999f;
+      c[ADAMW_ONE_MINUS_BETA2] = 0.001f, c[ADAMW_STEP_SIZE] = 1e-3f, c[ADAMW_INV_BIAS_CORRECTION2_SQRT] = 1.0f;
+      c[ADAMW_EPS] = 1e-8f;
+      break;
+    case RULE_LION:
+      c[LION_LR] = 1e-4f, c[LION_DECAY] = 0.99999f, c[LION_BETA1] = 0.9f, c[LION_ONE_MINUS_BETA1] = 0.1f;
+      c[LION_BETA2] = 0.99f, c[LION_ONE_MINUS_BETA2] = 0.01f;
+      break;
+    case RULE_LAMB:
+      c[LAMB_LR] = 1e-3f, c[LAMB_WEIGHT_DECAY] = 0.01f, c[LAMB_BETA1] = 0.9f, c[LAMB_ONE_MINUS_BETA1] = 0.1f;
+      c[LAMB_BETA2] = 0.999f, c[LAMB_ONE_MINUS_BETA2] = 0.001f, c[LAMB_INV_BIAS_CORRECTION1] = 1.0f;
+      c[LAMB_INV_BIAS_CORRECTION2_SQRT] = 1.0f, c[LAMB_INV_BIAS_CORRECTION2] = 1.0f, c[LAMB_EPS] = 1e-6f;
+      break;
+    case RULE_LARS:
+      c[LARS_LR] = 1e-3f, c[LARS_WEIGHT_DECAY] = 1e-4f, c[LARS_MOMENTUM] = 0.9f, c[LARS_ONE_MINUS_DAMPENING] = 1.0f;
+      c[LARS_HAS_MOMENTUM] = 1.0f, c[LARS_TRUST_COEFFICIENT] = 1e-3f;
+      break;
+    default: /* RULE_STABLE_ADAMW */
+      c[STABLE_ADAMW_BETA1] = 0.9f, c[STABLE_ADAMW_ONE_MINUS_BETA1] = 0.1f, c[STABLE_ADAMW_BETA2] = 0.99f;
+      c[STABLE_ADAMW_ONE_MINUS_BETA2] = 0.01f, c[STABLE_ADAMW_INV_BIAS_CORRECTION1] = 1.0f;
+      c[STABLE_ADAMW_INV_BIAS_CORRECTION2] = 1.0f, c[STABLE_ADAMW_INV_BIAS_CORRECTION2_SQRT] = 1.0f;
+      c[STABLE_ADAMW_EPS] = 1e-8f, c[STABLE_ADAMW_EPS_SQ] = 1e-16f, c[STABLE_ADAMW_LR] = 1e-3f;
+  }
+}
+
+/* one step: a layer-wise rule's norm pass, then the update pass (its per-parameter floats fixed: the Python
+   between the passes is not what this measures) */
+static void one_step(int rule, item_t *item, const int64_t *first_block, const float *c, int n_buffers,
+                     const int *storage) {
+  static const float per_item[2] = { 1e-3f, 1.0f };
+  double sums[2];
+  if (NORMS[rule]) {
+    hf_optim_norms(rule, item, 1, first_block, c, n_buffers, storage, PARAM_FP32, 0, 2, sums);
+    hf_optim_step_items(rule, item, 1, first_block, c, per_item, 2, n_buffers, storage, PARAM_FP32, 0, 2);
+  } else {
+    hf_optim_step(rule, item, 1, first_block, c, n_buffers, storage, PARAM_FP32, 0, 2);
+  }
+}
+
 /* driver RULE EIGHT_BIT NUMEL REPS: mean ns per parameter over REPS steps, after 5 warm-up steps */
 int main(int argc, char **argv) {
   const int rule = atoi(argv[1]), eight_bit = atoi(argv[2]), reps = atoi(argv[4]);
   const int64_t n = atoll(argv[3]), blocks = (n + BLOCK - 1) / BLOCK;
-  const int n_buffers = rule == RULE_ADAMW ? 2 : 1;
-  float *p = aligned_alloc(64, n * 4), *g = aligned_alloc(64, n * 4), step = 0.0f;
+  const int n_buffers = rule == RULE_LION || rule == RULE_LARS ? 1 : 2;
+  float *p = aligned_alloc(64, n * 4), *g = aligned_alloc(64, n * 4), step = 0.0f, c[16];
   srand(1);
   for (int64_t i = 0; i < n; ++i)
     p[i] = rand() / (float)RAND_MAX - 0.5f, g[i] = (rand() / (float)RAND_MAX - 0.5f) * 1e-2f;
@@ -53,26 +99,26 @@ int main(int argc, char **argv) {
   for (int k = 0; k < n_buffers; ++k) {
     item.state[k] = (int64_t)aligned_alloc(64, n * 4), item.absmax[k] = (int64_t)aligned_alloc(64, blocks * 4);
     memset((void *)item.state[k], 0, n * 4), memset((void *)item.absmax[k], 0, blocks * 4);
+    /* LARS's one buffer is a signed momentum; every second buffer here is a second moment */
     storage[k] = eight_bit ? (k == 0 ? STORE_SIGNED_8BIT : STORE_UNSIGNED_8BIT) : STORE_FP32;
   }
   const int64_t first_block[2] = { 0, blocks };
-  /* KERNELS order (native.py): AdamW decay, beta1, 1-beta1, beta2, 1-beta2, step_size, 1/sqrt(bc2), eps; Lion lr,
-     decay, beta1, 1-beta1, beta2, 1-beta2 */
-  const float adamw[8] = { 0.99999f, 0.9f, 0.1f, 0.999f, 0.001f, 1e-3f, 1.0f, 1e-8f };
-  const float lion[6] = { 1e-4f, 0.99999f, 0.9f, 0.1f, 0.99f, 0.01f };
-  const float *c = rule == RULE_ADAMW ? adamw : lion;
-  for (int r = 0; r < 5; ++r) hf_optim_step(rule, &item, 1, first_block, c, n_buffers, storage, PARAM_FP32, 0, 2);
+  coefficients(rule, c);
+  for (int r = 0; r < 5; ++r) one_step(rule, &item, first_block, c, n_buffers, storage);
   struct timespec t0, t1;
   clock_gettime(CLOCK_MONOTONIC, &t0);
-  for (int r = 0; r < reps; ++r) hf_optim_step(rule, &item, 1, first_block, c, n_buffers, storage, PARAM_FP32, 0, 2);
+  for (int r = 0; r < reps; ++r) one_step(rule, &item, first_block, c, n_buffers, storage);
   clock_gettime(CLOCK_MONOTONIC, &t1);
   printf("%%.6f\n", ((t1.tv_sec - t0.tv_sec) * 1e9 + (t1.tv_nsec - t0.tv_nsec)) / reps / n);
   return 0;
 }
 """
 
-#: (label, rule, 8-bit state)
-KERNELS = [("adamw_8bit", 0, 1), ("lion_8bit", 1, 1), ("adamw", 0, 0)]
+#: (label, rule, 8-bit state); rules by their index in the generated header
+_INDEX = {name: kernel.index for name, kernel in native.KERNELS.items()}
+KERNELS = [("adamw_8bit", _INDEX["adamw"], 1), ("lion_8bit", _INDEX["lion"], 1), ("adamw", _INDEX["adamw"], 0),
+           ("lamb", _INDEX["lamb"], 0), ("lamb_8bit", _INDEX["lamb"], 1), ("stable_adamw", _INDEX["stable_adamw"], 0),
+           ("lars", _INDEX["lars"], 0)]
 SIZES = {"cache": (1 << 18, 2000), "16.8M": (1 << 24, 20)}  # elements, steps per timing
 ROUNDS = 5
 
@@ -99,7 +145,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         driver, exe = Path(tmp) / "driver.c", Path(tmp) / "driver"
         driver.write_text(DRIVER % {"source": native.SOURCE})
-        flags = [f for f in native.build_flags() if f not in ("-shared", "-fPIC")]
+        flags = native.driver_flags(Path(tmp))  # build flags and the generated header
         subprocess.run([cc, *flags, str(driver), "-o", str(exe), "-lm"], check=True)
         for _ in range(ROUNDS):
             times["fused AdamW 16.8M"].append(fused_adamw_ns(params, fused))
@@ -111,7 +157,8 @@ def main() -> int:
     base = statistics.median(times["fused AdamW 16.8M"])
     extra = os.environ.get("HF_OPTIM_NATIVE_FLAGS", "")
     built_with = f" (HF_OPTIM_NATIVE_FLAGS={extra!r})" if extra else ""
-    print(f"native kernel vector path: {native.vector_path()}{built_with}")
+    print(f"native kernel vector path: {native.vector_path()}{built_with}; torch's CPU kernels: "
+          f"{torch.backends.cpu.get_cpu_capability()}")
     print(f"{'candidate (2 threads)':<28} {'ns/param':>9} {'x fused 16.8M':>14}")
     for name, values in times.items():
         median = statistics.median(values)

@@ -146,7 +146,9 @@ def check(name: str, cc: list[str], flags: list[str], runner: list[str], stride:
     """Build the driver for one path and run it; (passed, what it printed)."""
     driver, exe = tmp / "driver.c", tmp / f"driver-{name.replace(' ', '-')}"
     driver.write_text(DRIVER % {"source": native.SOURCE})
-    build = subprocess.run([*cc, *flags, str(driver), "-o", str(exe), "-lm"], capture_output=True, text=True)
+    (tmp / native.HEADER).write_text(native.coefficient_header())  # the generated header cpu_step.c includes
+    build = subprocess.run([*cc, *flags, "-I", str(tmp), str(driver), "-o", str(exe), "-lm"], capture_output=True,
+                           text=True)
     if build.returncode:
         return False, f"{name}: build failed: {build.stderr[-2000:]}"
     run = subprocess.run([*runner, str(exe), str(stride)], capture_output=True, text=True)

@@ -3,6 +3,7 @@
     python benchmarks/step_time.py --numel 16.8M --tensors 8 128 --only adamw
     python benchmarks/step_time.py --shapes llama-134m 5000x100 --only native
     HF_OPTIM_NATIVE_FLAGS=-mno-avx512f python benchmarks/step_time.py ...   # the AVX2 path on an AVX-512 CPU
+    ATEN_CPU_CAPABILITY=avx2 HF_OPTIM_NATIVE_FLAGS=-mno-avx512f python benchmarks/step_time.py ...  # and torch's
 
 For each (numel, tensor count) configuration, every candidate gets its own
 parameters with the same shapes; after warm-up (and compilation) the
@@ -13,8 +14,10 @@ runs) hits them alike. Prints the median step time and its ratio to
 
 ``--shapes`` measures real-world parameter lists instead: a 134M Llama's 111
 tensors (shapes from a transformers ``LlamaConfig``, no weights) and 5000
-tensors of 100 elements. The first line says which vector path the native
-kernel's build has (avx512, avx2 or portable).
+tensors of 100 elements. The first lines say which vector path the native
+kernel's build has (avx512, avx2 or portable) and which kernels torch's fused
+AdamW runs (torch dispatches by CPU: ``ATEN_CPU_CAPABILITY=avx2`` makes an
+AVX-512 machine run torch's AVX2 kernels, the honest baseline for our AVX2 build).
 
 Candidates register in ``CANDIDATES``: name -> factory(params) -> optimizer;
 a factory whose peer package is missing is skipped with a note.
@@ -137,6 +140,13 @@ SHAPE_SETS = {
 }
 
 
+def _torch_capability_note() -> str:
+    """Which kernels the baseline runs: torch picks them by CPU, so an AVX2 build of ours on an AVX-512 machine is
+    compared with torch's AVX2 kernels only under ``ATEN_CPU_CAPABILITY=avx2`` (what an AVX2 machine runs)."""
+    forced = os.environ.get("ATEN_CPU_CAPABILITY")
+    return f" (ATEN_CPU_CAPABILITY={forced!r})" if forced else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--numel", nargs="+", default=["16.8M"], help="total parameter counts, e.g. 16.8M 67.1M")
@@ -153,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"torch {torch.__version__}, {args.threads} threads, {args.steps} interleaved steps, medians")
     flags = os.environ.get("HF_OPTIM_NATIVE_FLAGS", "")
     built_with = f" (HF_OPTIM_NATIVE_FLAGS={flags!r})" if flags else ""
-    print(f"native kernel vector path: {native.vector_path()}{built_with}")
+    print(f"native kernel vector path: {native.vector_path()}{built_with}; torch's CPU kernels: "
+          f"{torch.backends.cpu.get_cpu_capability()}{_torch_capability_note()}")
     if args.shapes:
         sets = [(name, SHAPE_SETS[name]()) for name in args.shapes]
     else:

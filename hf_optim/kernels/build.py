@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import atexit
 import ctypes
+import functools
 import hashlib
 import os
 import re
@@ -34,7 +35,7 @@ import stat
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from ..util.pids import alive
@@ -98,38 +99,46 @@ def private_directory(path: Path) -> Path:
     return path
 
 
-def load(source: Path, command: Sequence[str], identity: Sequence[str], configure: Callable[[ctypes.CDLL], None],
-         check: Callable[[ctypes.CDLL], str | None]) -> ctypes.CDLL | str:
-    """The library built from ``source`` by ``command`` (which ``-o PATH`` completes), or why there is none.
+def load(sources: Path | Sequence[Path], command: Sequence[str], identity: Sequence[str],
+         configure: Callable[[ctypes.CDLL], None], check: Callable[[ctypes.CDLL], str | None],
+         generated: Mapping[str, str] | None = None) -> ctypes.CDLL | str:
+    """The library built from ``sources`` by ``command`` (which ``-o PATH`` completes), or why there is none.
 
-    The source, ``command`` and ``identity`` (e.g. the compiler's version, the CPU) name the cached file;
-    ``configure`` sets the loaded library's signatures (AttributeError: a symbol is missing) and ``check``
-    is the known-answer self-check (None when the library computes what it should).
+    Every source's text, the ``generated`` headers' (file name -> text: written for the build into a private
+    directory that ``-I`` puts on the include path), ``command`` and ``identity`` (e.g. the compiler's version,
+    the CPU) name the cached file; the first source names it too. ``configure`` sets the loaded library's
+    signatures (AttributeError: a symbol is missing) and ``check`` is the known-answer self-check (None when
+    the library computes what it should).
     """
-    digest = hashlib.sha256("\0".join([source.read_text(), *command, *identity]).encode()).hexdigest()[:16]
-    name = f"{source.stem}-{digest}.so"
+    sources = [sources] if isinstance(sources, Path) else list(sources)
+    generated = dict(generated or {})
+    texts = [path.read_text() for path in sources] + [f"{name}\0{text}" for name, text in sorted(generated.items())]
+    digest = hashlib.sha256("\0".join([*texts, *command, *identity]).encode()).hexdigest()[:16]
+    name = f"{sources[0].stem}-{digest}.so"
+    build = functools.partial(_build_and_load, name=name, command=command, configure=configure, check=check,
+                              generated=generated)
     try:
-        return _build_and_load(private_directory(cache_dir()), name, command, configure, check)
+        return build(private_directory(cache_dir()))
     except CacheUnusable as err:
         reason = str(err)
     warn_user(f"hf_optim: the kernel cache {str(cache_dir())!r} is not usable ({reason}); building the native kernel "
               f"in a private temporary directory instead (set {CACHE_VARIABLE} to a directory of your own)",
               RuntimeWarning)
     try:
-        return _build_and_load(_temporary_directory(), name, command, configure, check)
+        return build(_temporary_directory())
     except CacheUnusable as err:
         return f"no usable kernel cache: {reason}; temporary directory: {err}"
 
 
 def _build_and_load(directory: Path, name: str, command: Sequence[str], configure: Callable[[ctypes.CDLL], None],
-                    check: Callable[[ctypes.CDLL], str | None]) -> ctypes.CDLL | str:
+                    check: Callable[[ctypes.CDLL], str | None], generated: Mapping[str, str]) -> ctypes.CDLL | str:
     target = directory / name
     remove_stale_temporaries(directory)
     why = ""
     for attempt in range(2):
         if not intact(target):
             _discard(target)
-            failed = _build(directory, target, command)
+            failed = _build(directory, target, command, generated)
             if failed:
                 warn_user(f"hf_optim: the native kernel is not used ({failed}): steps run compiled or eagerly "
                           "instead", RuntimeWarning)
@@ -163,15 +172,21 @@ def intact(library: Path) -> bool:
         return False
 
 
-def _build(directory: Path, target: Path, command: Sequence[str]) -> str | None:
+def _build(directory: Path, target: Path, command: Sequence[str], generated: Mapping[str, str]) -> str | None:
     """Build ``target`` atomically: None when built, a reason string when the build failed."""
+    includes = ""
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{target.stem}-{os.getpid()}-", suffix=".tmp", dir=directory)
         os.close(fd)
+        if generated:  # named like a build temporary: a killed build's is removed with the rest
+            includes = tempfile.mkdtemp(prefix=f".{target.stem}-{os.getpid()}-", suffix="h.tmp", dir=directory)
+            for header, text in generated.items():
+                Path(includes, header).write_text(text)
     except OSError as err:
         raise CacheUnusable(f"cannot write in {directory}: {err.strerror or err}") from None
     try:
-        done = subprocess.run([*command, "-o", tmp], capture_output=True, text=True)
+        extra = ["-I", includes] if includes else []
+        done = subprocess.run([*command, *extra, "-o", tmp], capture_output=True, text=True)
         if done.returncode != 0:
             if "No space left" in done.stderr or _free_bytes(directory) < _FREE_FOR_A_BUILD:
                 raise CacheUnusable(f"no space left in {directory}")
@@ -188,6 +203,8 @@ def _build(directory: Path, target: Path, command: Sequence[str]) -> str | None:
     finally:
         if os.path.lexists(tmp):
             os.unlink(tmp)
+        if includes:
+            shutil.rmtree(includes, ignore_errors=True)
     return None
 
 
@@ -227,7 +244,11 @@ def remove_stale_temporaries(directory: Path) -> None:
             stale = not alive(int(match.group(1))) if match else bool(_OLD_TEMPORARY.match(name)) and (
                 time.time() - os.lstat(directory / name).st_mtime > _OLD_AGE_S)
             if stale:
-                os.unlink(directory / name)
+                path = directory / name
+                if path.is_dir() and not path.is_symlink():  # a killed build's generated headers
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    os.unlink(path)
         except OSError:
             pass
 

@@ -6,12 +6,18 @@ block of 256 elements, all blocks of all parameters in one OpenMP loop. The
 kernel covers the rules in ``KERNELS`` (AdamW, Lion, SGD, Adan, Ranger, and the
 layer-wise LAMB, LARS and StableAdamW: a norm pass, then the update) with fp32
 or 8-bit state and fp32 or bf16 parameters; anything else runs compiled or
-eagerly. Where the compiler targets AVX-512 or AVX2 (+FMA) the quantizer runs
-on vectors; elsewhere (aarch64) its plain C loop, which the compiler vectorizes.
+eagerly. ``KERNELS`` is built from the built-in rules' ``native`` bindings
+(``hf_optim.rules.native_binding``): each names the coefficients its kernel
+reads and the flags it takes, and the build generates ``hf_optim_coefficients.h``
+from them, so C reads ``c[ADAMW_EPS]``, never a position kept by hand. Where
+the compiler targets AVX-512 or AVX2 (+FMA) the quantizer runs on vectors;
+elsewhere (aarch64) its plain C loop, which the compiler vectorizes. The C
+source is split by concern: ``cpu_step.c`` (blocks, loops, entry points) and
+the headers ``cpu_quantize.h``, ``cpu_rules.h``, ``cpu_layerwise.h``.
 
 The shared library is built on first use with ``-O3 -march=native`` (under a
 second) and cached under ``$HF_OPTIM_CACHE`` (default ``~/.cache/hf_optim``)
-by a hash of the source, flags, compiler and CPU, so it matches the machine it
+by a hash of the sources (the generated header too), flags, compiler and CPU, so it matches the machine it
 runs on; it is loaded with ctypes and links the OpenMP runtime torch already
 loaded. ``hf_optim.kernels.build`` keeps that cache private, builds
 atomically and verifies what it loads; a library is also checked against
@@ -39,7 +45,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..rules import BUILTIN_RULES
 from ..rules.base import Buffer, UpdateRule
+from ..rules.native_binding import NativeBinding
 from ..state.base import StateCodec
 from ..state.blockwise import BLOCK, BlockwiseCodec
 from ..state.dense import DenseCodec
@@ -48,6 +56,8 @@ from .build import cache_dir, compiler, env_flags, load  # noqa: F401 (cache_dir
 from .layerwise import ItemCoefficients, NormFn
 
 SOURCE = Path(__file__).with_name("cpu_step.c")
+#: every file the build reads: the entry points' source and the headers it includes
+SOURCES = (SOURCE, *sorted(Path(__file__).parent.glob("cpu_*.h")))
 #: -ffp-contract=off: no fused multiply-adds, so each operation rounds as torch's does
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fopenmp",
          "-shared", "-fPIC")
@@ -56,69 +66,83 @@ X86_FLAGS = ("-mprefer-vector-width=512",)
 
 
 class NativeKernel:
-    """A rule's kernel in ``cpu_step.c``: its index there and its coefficient names in order.
+    """A rule's kernel in ``cpu_step.c``, from the rule's ``native`` binding: its index in the generated tables,
+    its coefficient names in the order ``step`` packs them, and its flags' bits.
 
     A layer-wise rule's kernel has a norm pass: ``item_coefficients`` (``hf_optim.kernels.layerwise``) turns its
-    per-parameter sums of squares into the floats each parameter's update pass reads.
+    per-parameter sums of squares into the floats each parameter's update pass reads (``per_parameter``, in order).
     """
 
-    def __init__(self, index: int, coefficients: tuple[str, ...], flags: Mapping[str, int],
-                 item_coefficients: ItemCoefficients | None = None) -> None:
+    def __init__(self, index: int, binding: NativeBinding, flag_bits: Mapping[str, int]) -> None:
         self.index = index
-        self.coefficients = coefficients
-        self.flags = flags  # rule flag name -> bit (0: a flag the kernel handles without one)
-        self.item_coefficients = item_coefficients
+        self.binding = binding
+        self.coefficients = binding.coefficients
+        # rule flag name -> bit (0: a flag the kernel handles without one)
+        self.flags = {**{name: flag_bits[name] for name in binding.flags}, **dict.fromkeys(binding.folded_flags, 0)}
+        self.per_parameter = binding.per_parameter
+        self.item_coefficients: ItemCoefficients | None = (
+            getattr(layerwise, binding.layerwise) if binding.layerwise else None)
 
 
-#: rule name -> kernel (the C side documents the same orders)
-KERNELS: dict[str, NativeKernel] = {
-    "adamw": NativeKernel(
-        0,
-        ("decay", "beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "step_size", "inv_bias_correction2_sqrt",
-         "eps"),
-        {"maximize": 1, "amsgrad": 2},
-    ),
-    "lion": NativeKernel(1, ("lr", "decay", "beta1", "one_minus_beta1", "beta2", "one_minus_beta2"), {}),
-    "sgd": NativeKernel(
-        2, ("lr", "weight_decay", "momentum", "one_minus_dampening", "first", "has_momentum"),
-        {"maximize": 1, "nesterov": 8},
-    ),
-    "adan": NativeKernel(
-        3,
-        ("lr", "inv_decay", "beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "beta3", "one_minus_beta3",
-         "inv_bias_correction1", "diff_scale", "inv_bias_correction3_sqrt", "has_prev", "eps"),
-        {},
-    ),
-    "ranger": NativeKernel(
-        4,
-        ("lr", "decay", "beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "inv_bias_correction1",
-         "inv_bias_correction2_sqrt", "rectify", "rect", "eps", "sync", "alpha"),
-        {},
-    ),
-    # layer-wise rules: a norm pass, then the update (param_ndim and exclude_bias_and_norm set _PLAIN_FLAG)
-    "lamb": NativeKernel(
-        5,
-        ("lr", "weight_decay", "beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "inv_bias_correction1",
-         "inv_bias_correction2_sqrt", "inv_bias_correction2", "eps"),
-        {"bias_correction": 0, "exclude_bias_and_norm": 0, "param_ndim": 0},
-        layerwise.lamb,
-    ),
-    "lars": NativeKernel(
-        6,
-        ("lr", "weight_decay", "momentum", "one_minus_dampening", "has_momentum", "trust_coefficient"),
-        {"nesterov": 8, "exclude_bias_and_norm": 0, "param_ndim": 0},
-        layerwise.lars,
-    ),
-    "stable_adamw": NativeKernel(
-        7,
-        ("beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "inv_bias_correction1", "inv_bias_correction2",
-         "inv_bias_correction2_sqrt", "eps", "eps_sq", "lr", "weight_decay"),
-        {},
-        layerwise.stable_adamw,
-    ),
-}
-_KAHAN_FLAG = 4
-_PLAIN_FLAG = 16  # cpu_step.c's FLAG_PLAIN
+#: flags the engine sets for every rule: bf16 parameters' Kahan compensation; LAMB's and LARS's plain step for
+#: biases and norms (exclude_bias_and_norm, ndim <= 1: no trust ratio, no decay)
+ENGINE_FLAGS = ("kahan", "plain")
+
+
+def _flag_bits(bindings: Sequence[NativeBinding]) -> dict[str, int]:
+    """One bit per flag name any kernel takes (the engine's first), as the generated header defines them."""
+    names = list(ENGINE_FLAGS)
+    for binding in bindings:
+        names += [name for name in binding.flags if name not in names]
+    return {name: 1 << i for i, name in enumerate(names)}
+
+
+def _kernels(rules: Sequence[type[UpdateRule]]) -> tuple[dict[str, NativeKernel], dict[str, int]]:
+    bound = [rule for rule in rules if rule.native is not None]
+    bits = _flag_bits([rule.native for rule in bound])  # type: ignore[misc]
+    return {rule.name: NativeKernel(i, rule.native, bits) for i, rule in enumerate(bound)}, bits  # type: ignore[arg-type]
+
+
+#: rule name -> kernel, for every built-in rule with a ``native`` binding; flag name -> bit
+KERNELS, FLAG_BITS = _kernels(BUILTIN_RULES)
+_KAHAN_FLAG, _PLAIN_FLAG = FLAG_BITS["kahan"], FLAG_BITS["plain"]
+
+
+def coefficient_header(kernels: Mapping[str, NativeKernel] | None = None,
+                       flag_bits: Mapping[str, int] | None = None) -> str:
+    """``hf_optim_coefficients.h``: what C knows of the bindings (``KERNELS``, ``FLAG_BITS`` by default), by name
+    (generated at build time, so no order is kept by hand in two places; its text is part of the build's hash)."""
+    kernels = KERNELS if kernels is None else kernels
+    flag_bits = FLAG_BITS if flag_bits is None else flag_bits
+    lines = ["/* Generated by hf_optim/kernels/native.py (coefficient_header) from the rules' native bindings:",
+             "   do not edit. */", "#ifndef HF_OPTIM_COEFFICIENTS_H", "#define HF_OPTIM_COEFFICIENTS_H", ""]
+    lines += [f"#define FLAG_{name.upper()} {bit}" for name, bit in flag_bits.items()]
+    ordered = sorted(kernels.values(), key=lambda k: k.index)
+    for kernel in ordered:
+        prefix = kernel.binding.kernel.upper()
+        lines += ["", f"#define RULE_{prefix} {kernel.index}",
+                  f"#define {prefix}_N_COEFFICIENTS {len(kernel.coefficients)}"]
+        lines += [f"#define {prefix}_{name.upper()} {i}" for i, name in enumerate(kernel.coefficients)]
+        lines += [f"#define {prefix}_ITEM_{name.upper()} {i}" for i, name in enumerate(kernel.per_parameter)]
+    rules = ", ".join(k.binding.kernel for k in ordered)
+    norms = ", ".join(f"{k.binding.kernel}_norms" if k.binding.layerwise else "NULL" for k in ordered)
+    streams = ", ".join(f"{k.binding.kernel.upper()}_NORM_STREAMS" if k.binding.layerwise else "0" for k in ordered)
+    lines += ["", "/* by RULE_ index: each rule's block function, its norm pass (NULL: elementwise), what it reads */",
+              f"#define RULE_FUNCTIONS {rules}", f"#define NORM_FUNCTIONS {norms}", f"#define NORM_STREAMS {streams}",
+              "", "#endif", ""]
+    return "\n".join(lines)
+
+
+HEADER = "hf_optim_coefficients.h"
+
+
+def driver_flags(directory: Path) -> list[str]:
+    """Compiler flags for a C program that includes ``cpu_step.c`` (benchmarks' and tests' drivers): this machine's
+    build flags, no ``-shared``, and the generated header, written into ``directory``."""
+    (directory / HEADER).write_text(coefficient_header())
+    return [f for f in build_flags() if f not in ("-shared", "-fPIC")] + ["-I", str(directory)]
+
+
 _STORE_FP32, _STORE_SIGNED_8BIT, _STORE_UNSIGNED_8BIT = 0, 1, 2
 _PARAM_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 _MAX_BUFFERS = 4  # cpu_step.c's MAX_BUFFERS
@@ -179,7 +203,8 @@ def _library() -> ctypes.CDLL | str:
     except (OSError, subprocess.CalledProcessError) as err:
         return f"{cc} does not run: {err}"
     # -march=native: a build is only good for this CPU (a shared home directory may serve several kinds)
-    return load(SOURCE, [cc, *flags, str(SOURCE)], [version, _cpu_signature()], _declare, _self_check)
+    return load(SOURCES, [cc, *flags, str(SOURCE)], [version, _cpu_signature()], _declare, _self_check,
+                generated={HEADER: coefficient_header()})
 
 
 
@@ -403,7 +428,11 @@ def _item_coefficients(lib: ctypes.CDLL, kernel: NativeKernel, bucket: tuple, la
         status = lib.hf_optim_norms(*bucket, *layout, sums.data_ptr())
         if status:
             raise RuntimeError(f"cpu_step: the norm pass failed (status {status})")
-    return kernel.item_coefficients(named, sums, torch.tensor(numels, dtype=torch.float64), norm).contiguous()
+    out = kernel.item_coefficients(named, sums, torch.tensor(numels, dtype=torch.float64), norm).contiguous()
+    if out.shape != (len(numels), len(kernel.per_parameter)):  # the binding names each column the C side reads
+        raise RuntimeError(f"cpu_step: {kernel.binding.layerwise} returned {tuple(out.shape)} per-parameter floats, "
+                           f"the binding names {len(kernel.per_parameter)} ({', '.join(kernel.per_parameter)})")
+    return out
 
 
 def _pointers(tensors: Sequence[Tensor]) -> list[int]:

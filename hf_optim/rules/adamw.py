@@ -31,6 +31,7 @@ from .base import (
     moment_coefficients,
     update_moments,
 )
+from .native_binding import NativeBinding
 
 
 class AdamW(UpdateRule):
@@ -49,6 +50,13 @@ class AdamW(UpdateRule):
     relation = Relation(1.0, 1.0, "sqrt", "AdamW is the reference point.")
     example = {"lr": 3e-3, "betas": (0.8, 0.99), "eps": 1e-3, "weight_decay": 0.1}
     takes_over_transformers_name = True  # adamw_8bit, paged_adamw_32bit, ...: bitsandbytes' AdamW in transformers
+
+    native = NativeBinding(
+        kernel="adamw",
+        coefficients=("decay", "beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "step_size",
+                      "inv_bias_correction2_sqrt", "eps"),
+        flags=("maximize", "amsgrad"),
+    )
 
     @classmethod
     def buffers(cls, flags: Mapping[str, Any]) -> tuple[Buffer, ...]:

@@ -34,6 +34,7 @@ from typing import Any
 from torch import Tensor
 
 from .base import Buffer, NormFn, Relation, UpdateRule, moment_coefficients
+from .native_binding import NativeBinding
 
 
 class Adan(UpdateRule):
@@ -51,6 +52,13 @@ class Adan(UpdateRule):
         {"betas": (0.98, 0.92, 0.99)},
     )
     example = {"lr": 1e-2, "betas": (0.95, 0.9, 0.98), "eps": 1e-3, "weight_decay": 0.1}
+
+    native = NativeBinding(
+        kernel="adan",
+        coefficients=("lr", "inv_decay", "beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "beta3",
+                      "one_minus_beta3", "inv_bias_correction1", "diff_scale", "inv_bias_correction3_sqrt", "has_prev",
+                      "eps"),
+    )
 
     @classmethod
     def buffers(cls, flags: Mapping[str, Any]) -> tuple[Buffer, ...]:

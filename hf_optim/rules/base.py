@@ -29,6 +29,8 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor
 
+from .native_binding import NativeBinding
+
 #: How a state buffer is distributed, so storage can pick a code map:
 #: ``signed`` (a first moment), ``unsigned`` (a second moment, >= 0),
 #: ``param`` (a copy of the parameter, e.g. Lookahead's slow weights).
@@ -100,6 +102,9 @@ class UpdateRule:
     #: True when ``update`` is purely elementwise (no whole-tensor norm): the engine may
     #: then step a large parameter in row chunks that keep the fused step's temporaries in cache
     elementwise: ClassVar[bool] = False
+
+    #: the rule's native CPU kernel by coefficient and flag names (``native_binding``); None: no native kernel
+    native: ClassVar[NativeBinding | None] = None
 
     @classmethod
     def buffers(cls, flags: Mapping[str, Any]) -> tuple[Buffer, ...]:

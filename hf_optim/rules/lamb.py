@@ -51,6 +51,7 @@ from .base import (
     trust_ratio,
     update_moments,
 )
+from .native_binding import NativeBinding
 
 
 class LAMB(UpdateRule):
@@ -76,6 +77,16 @@ class LAMB(UpdateRule):
         "Weight decay carries over; biases and norms are excluded from decay and the trust ratio.",
     )
     example = {"lr": 1e-2, "betas": (0.85, 0.99), "eps": 1e-5, "weight_decay": 0.1}
+
+    # a norm pass, then the update; bias_correction changes only coefficients, and exclude_bias_and_norm with
+    # param_ndim <= 1 is the kernel's plain step (FLAG_PLAIN)
+    native = NativeBinding(
+        kernel="lamb",
+        coefficients=("lr", "weight_decay", "beta1", "one_minus_beta1", "beta2", "one_minus_beta2",
+                      "inv_bias_correction1", "inv_bias_correction2_sqrt", "inv_bias_correction2", "eps"),
+        folded_flags=("bias_correction", "exclude_bias_and_norm", "param_ndim"),
+        layerwise="lamb", per_parameter=("scale",),
+    )
 
     @classmethod
     def buffers(cls, flags: Mapping[str, Any]) -> tuple[Buffer, ...]:

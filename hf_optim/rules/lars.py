@@ -40,6 +40,7 @@ from .base import (
     check_unit_interval,
     trust_ratio,
 )
+from .native_binding import NativeBinding
 
 
 class LARS(UpdateRule):
@@ -62,6 +63,13 @@ class LARS(UpdateRule):
         "trust_coefficient 1e-3 and weight decay 1e-6..1e-4 (SimCLR's recipe) and tune."
     )
     example = {"lr": 0.5, "momentum": 0.8, "dampening": 0.1, "weight_decay": 0.1, "trust_coefficient": 0.02}
+
+    native = NativeBinding(
+        kernel="lars",
+        coefficients=("lr", "weight_decay", "momentum", "one_minus_dampening", "has_momentum", "trust_coefficient"),
+        flags=("nesterov",), folded_flags=("exclude_bias_and_norm", "param_ndim"),
+        layerwise="lars", per_parameter=("trust",),
+    )
 
     @classmethod
     def buffers(cls, flags: Mapping[str, Any]) -> tuple[Buffer, ...]:

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from ..util.user_warnings import warn_user
 from .base import Buffer, NormFn, Relation, UpdateRule, _as_float, moment_coefficients
+from .native_binding import NativeBinding
 
 #: an lr at or above this is AdamW-sized for Lion
 LION_MAX_LR = 1e-3
@@ -65,6 +66,10 @@ class Lion(UpdateRule):
     )
     example = {"lr": 3e-4, "betas": (0.95, 0.98), "weight_decay": 0.2}
     takes_over_transformers_name = True  # lion_8bit, paged_lion_32bit, ...: bitsandbytes' Lion in transformers
+
+    native = NativeBinding(
+        kernel="lion", coefficients=("lr", "decay", "beta1", "one_minus_beta1", "beta2", "one_minus_beta2"),
+    )
 
     @classmethod
     def buffers(cls, flags: Mapping[str, Any]) -> tuple[Buffer, ...]:

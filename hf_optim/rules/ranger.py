@@ -43,6 +43,7 @@ from .base import (
     moment_coefficients,
     update_moments,
 )
+from .native_binding import NativeBinding
 
 
 class Ranger(UpdateRule):
@@ -59,6 +60,12 @@ class Ranger(UpdateRule):
         {"betas": (0.9, 0.99)},
     )
     example = {"lr": 1e-2, "betas": (0.85, 0.98), "eps": 1e-3, "weight_decay": 0.1, "k": 2, "alpha": 0.6}
+
+    native = NativeBinding(
+        kernel="ranger",
+        coefficients=("lr", "decay", "beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "inv_bias_correction1",
+                      "inv_bias_correction2_sqrt", "rectify", "rect", "eps", "sync", "alpha"),
+    )
 
     @classmethod
     def buffers(cls, flags: Mapping[str, Any]) -> tuple[Buffer, ...]:

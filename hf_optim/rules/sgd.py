@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from .base import Buffer, NormFn, Relation, UpdateRule, check_non_negative
+from .native_binding import NativeBinding
 
 
 class SGD(UpdateRule):
@@ -47,6 +48,11 @@ class SGD(UpdateRule):
     )
     example = {"lr": 0.05, "momentum": 0.8, "dampening": 0.1, "weight_decay": 0.1}
     takes_over_transformers_name = True  # transformers' "sgd" is torch.optim.SGD: same math, same defaults
+
+    native = NativeBinding(
+        kernel="sgd", coefficients=("lr", "weight_decay", "momentum", "one_minus_dampening", "first", "has_momentum"),
+        flags=("maximize", "nesterov"),
+    )
 
     @classmethod
     def buffers(cls, flags: Mapping[str, Any]) -> tuple[Buffer, ...]:

@@ -38,6 +38,7 @@ from .base import (
     moment_coefficients,
     update_moments,
 )
+from .native_binding import NativeBinding
 
 
 class StableAdamW(UpdateRule):
@@ -55,6 +56,13 @@ class StableAdamW(UpdateRule):
     )
     example = {"lr": 1e-2, "betas": (0.8, 0.95), "eps": 1e-3, "weight_decay": 0.1}
     takes_over_transformers_name = True  # transformers' "stable_adamw" is torch-optimi's: the same algorithm
+
+    native = NativeBinding(
+        kernel="stable_adamw",
+        coefficients=("beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "inv_bias_correction1",
+                      "inv_bias_correction2", "inv_bias_correction2_sqrt", "eps", "eps_sq", "lr", "weight_decay"),
+        layerwise="stable_adamw", per_parameter=("lr", "decay"),
+    )
 
     @classmethod
     def buffers(cls, flags: Mapping[str, Any]) -> tuple[Buffer, ...]:
