@@ -38,6 +38,7 @@ _EXPORTS: dict[str, str] = {
     "AdamW": ".optimizers",
     "Adan": ".optimizers",
     "Lion": ".optimizers",
+    "Muon": ".optimizers",
     "Ranger": ".optimizers",
     "StableAdamW": ".optimizers",
     "OptimizerSpec": ".registry",
@@ -57,6 +58,7 @@ __all__ = [
     "HfOptimMixin",
     "HparamTranslation",
     "Lion",
+    "Muon",
     "Optimizer",
     "OptimizerSpec",
     "Ranger",
@@ -99,6 +101,6 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, eagerly
     from .integrations import callbacks
     from .integrations.transformers import HfOptimMixin, Trainer, TrainingArguments, with_hf_optim
     from .memory import memory_table
-    from .optimizers import LAMB, LARS, SGD, AdamW, Adan, Lion, Ranger, StableAdamW
+    from .optimizers import LAMB, LARS, SGD, AdamW, Adan, Lion, Muon, Ranger, StableAdamW
     from .registry import OptimizerSpec, create_optimizer, get_spec, hf_optim_names, resolve
     from .schedules import get_scheduler

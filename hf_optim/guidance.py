@@ -90,6 +90,19 @@ _RELATIONS: dict[str, _Relation] = {
         "warmup, so lr warmup can be shortened or dropped. Lookahead k=6, alpha=0.5.",
         {"betas": (0.9, 0.99)},
     ),
+    "muon": _Relation(
+        1.0,
+        1.0,
+        "sqrt",
+        "Muon with adjust_lr_fn='match_rms_adamw' scales each matrix's orthogonalized update to AdamW's RMS "
+        "(lr x 0.2*sqrt(max(rows, cols))), so AdamW's lr and weight decay carry over (Liu et al. 2025, Moonlight); "
+        "the AdamW part (embeddings, lm_head, norms, biases) takes the same values unless adamw_lr / "
+        "adamw_weight_decay are set. (With the original scaling Muon's lr is ~0.02, 10-100x AdamW's.) Known to "
+        "help when training hidden matrices from scratch (pretraining: ~2x AdamW's compute efficiency in "
+        "Moonlight, the nanoGPT and CIFAR-10 speed records); fine-tuning a model pretrained with AdamW is not "
+        "known to gain (Moonlight saw a mismatch cost), so keep AdamW there.",
+        {"adjust_lr_fn": "match_rms_adamw"},
+    ),
 }
 
 _NO_EQUIVALENT = {

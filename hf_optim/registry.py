@@ -37,6 +37,7 @@ RULES: dict[str, str] = {
     "stable_adamw": "hf_optim.optimizers:StableAdamW",
     "adan": "hf_optim.optimizers:Adan",
     "ranger": "hf_optim.optimizers:Ranger",
+    "muon": "hf_optim.optimizers:Muon",  # AdamW for what is not a hidden matrix
     "sgd": "hf_optim.optimizers:SGD",  # takes over transformers' "sgd" (torch.optim.SGD): same math, same defaults
 }
 

@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..rules.base import Buffer, UpdateRule
+from ..rules.base import NO_PARAM_INFO, Buffer, ParamInfo, UpdateRule
 from ..state.base import StateCodec
 from ..state.blockwise import BLOCK, BlockwiseCodec
 from ..state.dense import DenseCodec
@@ -95,18 +95,18 @@ KERNELS: dict[str, NativeKernel] = {
          "inv_bias_correction2_sqrt", "rectify", "rect", "eps", "sync", "alpha"),
         {},
     ),
-    # layer-wise rules: a norm pass, then the update (param_ndim and exclude_bias_and_norm set _PLAIN_FLAG)
+    # layer-wise rules: a norm pass, then the update (the parameter's ndim and exclude_bias_and_norm set _PLAIN_FLAG)
     "lamb": NativeKernel(
         5,
         ("lr", "weight_decay", "beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "inv_bias_correction1",
          "inv_bias_correction2_sqrt", "inv_bias_correction2", "eps"),
-        {"bias_correction": 0, "exclude_bias_and_norm": 0, "param_ndim": 0},
+        {"bias_correction": 0, "exclude_bias_and_norm": 0},
         layerwise.lamb,
     ),
     "lars": NativeKernel(
         6,
         ("lr", "weight_decay", "momentum", "one_minus_dampening", "has_momentum", "trust_coefficient"),
-        {"nesterov": 8, "exclude_bias_and_norm": 0, "param_ndim": 0},
+        {"nesterov": 8, "exclude_bias_and_norm": 0},
         layerwise.lars,
     ),
     "stable_adamw": NativeKernel(
@@ -433,11 +433,12 @@ def _(params, grads, states, kahans, coefficients, rule, storage, flags, counter
     return None
 
 
-def flag_bits(rule: type[UpdateRule], flags: Mapping[str, object], kahan: bool) -> int:
+def flag_bits(rule: type[UpdateRule], flags: Mapping[str, object], kahan: bool,
+              param: ParamInfo = NO_PARAM_INFO) -> int:
     kernel = KERNELS[rule.name]
     bits = sum(bit for name, bit in kernel.flags.items() if flags.get(name))
     # LAMB's and LARS's biases and norms: the plain step, no trust ratio (the rules' own condition)
-    if flags.get("exclude_bias_and_norm") and flags.get("param_ndim", 2) <= 1:  # type: ignore[operator]
+    if flags.get("exclude_bias_and_norm") and param.ndim is not None and param.ndim <= 1:
         bits |= _PLAIN_FLAG
     return bits | (_KAHAN_FLAG if kahan else 0)
 

@@ -6,6 +6,7 @@ from .base import Buffer, BufferKind, UpdateRule
 from .lamb import LAMB
 from .lars import LARS
 from .lion import Lion
+from .muon import Muon
 from .ranger import Ranger
 from .sgd import SGD
 from .stable_adamw import StableAdamW
@@ -19,6 +20,7 @@ __all__ = [
     "Buffer",
     "BufferKind",
     "Lion",
+    "Muon",
     "Ranger",
     "StableAdamW",
     "UpdateRule",

@@ -26,6 +26,7 @@ from torch import Tensor
 from .base import (
     Buffer,
     NormFn,
+    ParamInfo,
     UpdateRule,
     moment_coefficients,
     update_moments,
@@ -70,6 +71,7 @@ class AdamW(UpdateRule):
         c: Mapping[str, Tensor],
         flags: Mapping[str, Any],
         norm: NormFn,
+        param: ParamInfo,
     ) -> None:
         if flags["maximize"]:
             g = -g

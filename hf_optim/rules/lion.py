@@ -24,7 +24,7 @@ from typing import Any
 from torch import Tensor
 
 from ..user_warnings import warn_user
-from .base import Buffer, NormFn, UpdateRule, _as_float, moment_coefficients
+from .base import Buffer, NormFn, ParamInfo, UpdateRule, _as_float, moment_coefficients
 
 #: an lr at or above this is AdamW-sized for Lion
 LION_MAX_LR = 1e-3
@@ -86,6 +86,7 @@ class Lion(UpdateRule):
         c: Mapping[str, Tensor],
         flags: Mapping[str, Any],
         norm: NormFn,
+        param: ParamInfo,
     ) -> None:
         exp_avg = state["exp_avg"]
         p.mul_(c["decay"])

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import Buffer, NormFn, UpdateRule, check_non_negative
+from .base import Buffer, NormFn, ParamInfo, UpdateRule, check_non_negative
 
 
 class SGD(UpdateRule):
@@ -72,6 +72,7 @@ class SGD(UpdateRule):
         c: Mapping[str, Tensor],
         flags: Mapping[str, Any],
         norm: NormFn,
+        param: ParamInfo,
     ) -> None:
         if flags["maximize"]:
             g = -g
