@@ -227,20 +227,20 @@ class Optimizer(torch.optim.Optimizer):
         """``group`` as ``rule`` reads it: the companion's namespaced hyperparameters under their own names."""
         return group if rule is self.rule else self.rule.other_group(group)
 
-    @staticmethod
-    def _flags(rule: type[UpdateRule], group: Mapping[str, Any]) -> dict[str, Any]:
-        return {key: group[key] for key in sorted(rule.flag_names)}
+    def _flags(self, group: Mapping[str, Any], rule: type[UpdateRule] | None = None) -> dict[str, Any]:
+        """``rule``'s (default the optimizer's) structural options from ``group`` as that rule reads it."""
+        return {key: group[key] for key in sorted((rule or self.rule).flag_names)}
 
     def _layout(self, p: Tensor, name: str | None, group: Mapping[str, Any]) -> tuple[tuple[Buffer, StateCodec], ...]:
         """``p``'s state buffers with their codecs, under its own rule (``_rule_for``) and the raw ``group``."""
         rule = self._rule_for(p, name)
-        return layout(group, name, p.numel(), rule.buffers(self._flags(rule, self._group_for(rule, group))), p.dtype)
+        return layout(group, name, p.numel(), rule.buffers(self._flags(self._group_for(rule, group), rule)), p.dtype)
 
     def _settings(self, rule: type[UpdateRule], group: Mapping[str, Any]) -> tuple[dict[str, Any], dict, tuple]:
         """One rule's scalars, flags and the group settings its step configurations depend on (with the
         parameter, their cache key)."""
         view = self._group_for(rule, group)
-        flags = self._flags(rule, view)
+        flags = self._flags(view, rule)
         storage = (tuple(v) if isinstance(v, list) else v for v in (view.get(k) for k in STORAGE_OPTIONS))
         return rule.scalars(view), flags, (rule.name, *storage, view["kahan_sum"], tuple(flags.items()))
 

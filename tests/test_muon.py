@@ -376,3 +376,22 @@ def test_fsdp2_sharded_matrix_is_refused_naming_the_parameter(tmp_path):
         assert r["error"] is not None, r
         assert "0.weight" in r["error"] and "sharded over ranks" in r["error"] and "DDP" in r["error"], r["error"]
         assert r["adamw_stepped"], r
+
+
+# --- the rule contract: what of the parameter is part of the step configuration -------------------------
+
+def test_configurations_hold_the_parameter_only_as_far_as_the_rule_reads_it():
+    shapes = [(8, 4), (4, 8), (16, 4), (32,), (3, 2, 2)]
+
+    def configs(name):
+        params = [(f"layer{i}.weight", torch.nn.Parameter(torch.randn(s))) for i, s in enumerate(shapes)]
+        opt = hf_optim.create_optimizer(name, params, execution="eager")
+        for _, p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+        return {(c.rule.name, c.param) for c in opt._interned.values()}
+
+    assert configs("adamw") == {("adamw", ParamInfo())}  # elementwise: one configuration for every shape
+    assert configs("lamb") == {("lamb", ParamInfo(ndim=n)) for n in (1, 2, 3)}
+    assert configs("muon") == {("muon", ParamInfo(shape=s)) for s in [(8, 4), (4, 8), (16, 4)]} | {
+        ("adamw", ParamInfo())}
