@@ -98,7 +98,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, eagerly
     from .integrations.transformers import HfOptimMixin, Trainer, TrainingArguments, with_hf_optim
 
     # generated at import from the registered rules (see optimizers); named here for type checkers only
-    from .optimizers import LAMB, LARS, SGD, AdamW, Adan, Lion, Ranger, StableAdamW
+    from .optimizers import LAMB, LARS, SGD, AdamW, Adan, Lion, Muon, Ranger, StableAdamW
     from .registry import OptimizerSpec, create_optimizer, get_spec, hf_optim_names, resolve
     from .rules.registry import register_rule
     from .schedules import get_scheduler

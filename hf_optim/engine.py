@@ -31,7 +31,7 @@ from .execution import (
 )
 from .kernels import native, triton_step
 from .plan import EXECUTOR, MODES, compiler_available
-from .rules.base import Buffer, UpdateRule
+from .rules.base import NO_PARAM_INFO, Buffer, ParamInfo, UpdateRule
 from .state import (
     CODECS,
     MIN_8BIT_SIZE,
@@ -177,6 +177,13 @@ class Optimizer(torch.optim.Optimizer):
             why = float64_unsupported(group, name, p.numel()) if p.dtype == torch.float64 else None
             if why:
                 raise ValueError(f"Invalid state_precision for {name}: {why}")
+            if self.rule.needs_whole_tensor and _split_over_ranks(p) and self._rule_for(p, name).needs_whole_tensor:
+                raise ValueError(
+                    f"{type(self).__name__}: parameter {name} is sharded over ranks (placements {p.placements}), "
+                    f"but the {self.rule.name} update needs the whole matrix and does not gather a sharded one: "
+                    "unsupported. Train this model with DDP (replicated parameters), leave its hidden matrices "
+                    "unsharded, or use an elementwise optimizer (adamw, lion, ...) under FSDP2"
+                )
 
     @staticmethod
     def _named(group: Mapping[str, Any]) -> Iterable[tuple[str, Tensor]]:
@@ -211,11 +218,31 @@ class Optimizer(torch.optim.Optimizer):
 
     # --- state ------------------------------------------------------------------------
 
-    def _flags(self, group: Mapping[str, Any]) -> dict[str, Any]:
-        return {key: group[key] for key in sorted(self.rule.flag_names)}
+    def _rule_for(self, p: Tensor, name: str | None) -> type[UpdateRule]:
+        """The rule that steps ``p``: the optimizer's, or its companion (``UpdateRule.other``) where the
+        optimizer's does not take it (Muon: AdamW for embeddings, the head, norms and biases)."""
+        return self.rule if self.rule.other is None else self.rule.rule_for(ParamInfo.of(p, name))
+
+    def _group_for(self, rule: type[UpdateRule], group: Mapping[str, Any]) -> Mapping[str, Any]:
+        """``group`` as ``rule`` reads it: the companion's namespaced hyperparameters under their own names."""
+        return group if rule is self.rule else self.rule.other_group(group)
+
+    def _flags(self, group: Mapping[str, Any], rule: type[UpdateRule] | None = None) -> dict[str, Any]:
+        """``rule``'s (default the optimizer's) structural options from ``group`` as that rule reads it."""
+        return {key: group[key] for key in sorted((rule or self.rule).flag_names)}
 
     def _layout(self, p: Tensor, name: str | None, group: Mapping[str, Any]) -> tuple[tuple[Buffer, StateCodec], ...]:
-        return layout(group, name, p.numel(), self.rule.buffers(self._flags(group)), p.dtype)
+        """``p``'s state buffers with their codecs, under its own rule (``_rule_for``) and the raw ``group``."""
+        rule = self._rule_for(p, name)
+        return layout(group, name, p.numel(), rule.buffers(self._flags(self._group_for(rule, group), rule)), p.dtype)
+
+    def _settings(self, rule: type[UpdateRule], group: Mapping[str, Any]) -> tuple[dict[str, Any], dict, tuple]:
+        """One rule's scalars, flags and the group settings its step configurations depend on (with the
+        parameter, their cache key)."""
+        view = self._group_for(rule, group)
+        flags = self._flags(view, rule)
+        storage = (tuple(v) if isinstance(v, list) else v for v in (view.get(k) for k in STORAGE_OPTIONS))
+        return rule.scalars(view), flags, (rule.name, *storage, view["kahan_sum"], tuple(flags.items()))
 
     def _kahan(self, p: Tensor, group: Mapping[str, Any]) -> bool:
         return keeps_kahan(group, p.dtype)
@@ -251,11 +278,8 @@ class Optimizer(torch.optim.Optimizer):
                                              for group in self.param_groups for name, p in self._named(group)
                                              if p.grad is not None))
         for index, group in enumerate(self.param_groups):
-            scalars = self.rule.scalars(group)
-            flags = self._flags(group)
-            # the group settings a step configuration depends on (with the parameter, its cache key)
-            storage = (tuple(v) if isinstance(v, list) else v for v in (group.get(k) for k in STORAGE_OPTIONS))
-            group_key = (*storage, group["kahan_sum"], tuple(flags.items()))
+            # per rule stepping this group (the optimizer's, and a companion's): scalars, flags, settings key
+            settings = {self.rule: self._settings(self.rule, group)}
             # parameters that share a configuration and device run as one bucket:
             # (config, mode, step items, their parameters for the pager), keyed by id(config) and device
             buckets: dict[tuple, tuple[StepConfig, str, list[StepItem], list[Tensor]]] = {}
@@ -270,7 +294,10 @@ class Optimizer(torch.optim.Optimizer):
                     if self._pager is not None:  # paged placement: decide where the new state lives
                         self._pager.place(p, state)
                 local, grad = _local(p), _local(p.grad)
-                config = self._config(p, name, group, flags, group_key)
+                rule = self.rule if self.rule.other is None else self._rule_for(p, name)
+                if rule not in settings:
+                    settings[rule] = self._settings(rule, group)
+                config = self._config(p, name, group, rule, settings[rule])
                 key = (id(config), local.device)
                 if key not in buckets:
                     buckets[key] = (config, self._mode(config, local.device), [], [])
@@ -283,7 +310,8 @@ class Optimizer(torch.optim.Optimizer):
                     items.append(working_item(local, grad, state, config.block))
                 owners.append(p)
             for (_, device), (config, mode, items, owners) in buckets.items():
-                hp = _as_tensors(scalars, self._hp.setdefault((index, device), {}), device)
+                scalars = settings[config.rule][0]
+                hp = _as_tensors(scalars, self._hp.setdefault((index, device, config.rule.name), {}), device)
                 if self._pager is None:
                     EXECUTOR.run(mode, config, items, hp)
                 else:  # paged placement: each paged state fetched to the device around its update
@@ -321,17 +349,20 @@ class Optimizer(torch.optim.Optimizer):
         return ValueError(f"Invalid execution: 'native' for {type(self).__name__}: {why} "
                           f"(native kernels: {', '.join(native.KERNELS)}; 'auto' falls back to compiled or eager)")
 
-    def _config(self, p: Tensor, name: str | None, group: Mapping[str, Any], flags: dict[str, Any],
-                group_key: tuple) -> StepConfig:
-        """The step configuration of one parameter (cached: computed once per group setting)."""
+    def _config(self, p: Tensor, name: str | None, group: Mapping[str, Any], rule: type[UpdateRule],
+                settings: tuple[dict[str, Any], dict, tuple]) -> StepConfig:
+        """The step configuration of one parameter under ``rule`` (cached: computed once per group setting).
+
+        It holds the parameter's ``ParamInfo`` only as far as the rule declared (``param_fields``): an
+        elementwise rule's parameters share one configuration whatever their shapes."""
+        _, flags, group_key = settings
         cache_key = (id(p), p.dtype, p.numel(), p.dim(), group_key)
         config = self._configs.get(cache_key)
         if config is None:
-            if self.rule.wants_param_ndim:
-                flags = dict(flags)  # e.g. LAMB/LARS: biases and norms (ndim <= 1) skip the trust ratio
-                flags["param_ndim"] = p.dim()
+            info = ParamInfo.of(p, name).only(rule.param_fields) if rule.param_fields else NO_PARAM_INFO
             layout = self._layout(p, name, group)
-            config = StepConfig(self.rule, layout, tuple(flags.items()), p.dtype, self._kahan(p, group), _norm_for(p))
+            config = StepConfig(rule, layout, tuple(flags.items()), p.dtype, self._kahan(p, group), _norm_for(p),
+                                info)
             # one object per distinct configuration, so buckets can key on its id
             config = self._configs[cache_key] = self._interned.setdefault(config, config)
         return config
@@ -495,6 +526,13 @@ def _local(t: Tensor) -> Tensor:
 
 def _is_sharded(t: Tensor) -> bool:
     return any(placement.is_shard() for placement in getattr(t, "placements", ()))
+
+
+def _split_over_ranks(t: Tensor) -> bool:
+    """Whether a DTensor's local shard is less than the whole (sharded on a mesh dimension of 2+ ranks)."""
+    mesh = getattr(t, "device_mesh", None)
+    return mesh is not None and any(placement.is_shard() and mesh.size(dim) > 1
+                                    for dim, placement in enumerate(t.placements))
 
 
 def _to_local(param_state: Mapping[str, Any]) -> dict[str, Any]:

@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from .rules.base import Buffer, NormFn, UpdateRule
+from .rules.base import NO_PARAM_INFO, Buffer, NormFn, ParamInfo, UpdateRule
 from .state.base import StateCodec
 
 StepFn = Callable[[Tensor, Tensor, dict[str, Tensor], dict[str, Tensor]], None]
@@ -66,12 +66,14 @@ def make_step(
     param_dtype: torch.dtype,
     kahan: bool,
     norm: NormFn = local_norm,
+    param: ParamInfo = NO_PARAM_INFO,
 ) -> StepFn:
     """The step for one configuration: ``fn(p, g, stored, hp)`` updates in place.
 
     ``stored`` is the parameter's state dict (``step``, already advanced to this
     step by the plan (``plan.Executor.run``), plus each codec's tensors in the working layout);
-    ``p`` and ``g`` share that layout.
+    ``p`` and ``g`` share that layout. ``param`` is what the rule declared it needs of the parameter
+    (``UpdateRule.param_fields``), a constant of the step: part of the configuration.
     """
     compute = compute_dtype(param_dtype)
     low_precision = param_dtype != compute
@@ -82,7 +84,7 @@ def make_step(
             pc = pc + stored[KAHAN_KEY].to(compute)
         c = scalar_coefficients(rule, hp, stored["step"], flags, compute)
         state = {buffer.name: codec.decode(stored, buffer, p.numel()).to(compute) for buffer, codec in codecs}
-        rule.update(pc, g.to(compute), state, c, flags, norm)
+        rule.update(pc, g.to(compute), state, c, flags, norm, param)
         for buffer, codec in codecs:
             codec.encode(state[buffer.name], stored, buffer)
         if low_precision:
@@ -103,6 +105,9 @@ class StepConfig(NamedTuple):
     param_dtype: torch.dtype
     kahan: bool
     norm: NormFn
+    #: the parameter's ``ParamInfo`` reduced to the rule's ``param_fields`` (``NO_PARAM_INFO`` for an
+    #: elementwise rule, so every tensor shares one configuration and one compiled graph)
+    param: ParamInfo = NO_PARAM_INFO
 
     @property
     def compute_dtype(self) -> torch.dtype:

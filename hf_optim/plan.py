@@ -87,7 +87,8 @@ class EagerBackend:
         fn = self._steps.get(config)
         if fn is None:
             fn = self._steps[config] = make_step(
-                config.rule, config.codecs, dict(config.flags), config.param_dtype, config.kahan, config.norm
+                config.rule, config.codecs, dict(config.flags), config.param_dtype, config.kahan, config.norm,
+                config.param,
             )
         return fn
 
@@ -121,13 +122,14 @@ class CompiledBackend:
             bucket_fn = self._compiled[config] = _compile_buckets(self._eager.step_fn(config))
         start = 0
         for size in CPU_BUCKET_SIZES if items and items[0].p.device.type == "cpu" else BUCKET_SIZES:
-            while len(items) - start >= size and self._call(bucket_fn, items[start : start + size], hp):
+            while len(items) - start >= size and self._call(bucket_fn, items[start : start + size], hp,
+                                                            config.rule.rounds_inside):
                 start += size
         fn = self._eager.step_fn(config)
         for item in items[start:]:  # what a failed compilation left
             fn(item.p, item.g, item.state, hp)
 
-    def _call(self, bucket_fn, chunk: list[StepItem], hp: dict[str, Tensor]) -> bool:
+    def _call(self, bucket_fn, chunk: list[StepItem], hp: dict[str, Tensor], rounds_inside: bool = False) -> bool:
         """Run one compiled bucket; False (and nothing run) once compilation has failed."""
         if self._compile_failed:
             return False
@@ -138,7 +140,7 @@ class CompiledBackend:
             if signature in self._traced:
                 bucket_fn(ps, gs, states, hp)
             else:  # the settings cost ~40 us to enter: only where a trace can happen
-                with compile_settings(emulate_casts=ps[0].dtype in (torch.bfloat16, torch.float16)):
+                with compile_settings(emulate_casts=rounds_inside or ps[0].dtype in (torch.bfloat16, torch.float16)):
                     bucket_fn(ps, gs, states, hp)
                 self._traced.add(signature)
         except torch._dynamo.exc.BackendCompilerFailed as err:
@@ -217,7 +219,7 @@ class NativeBackend:
                 torch.stack([c[name] for name in names]),
                 config.rule.name,
                 storage,
-                native.flag_bits(config.rule, flags, config.kahan),
+                native.flag_bits(config.rule, flags, config.kahan, config.param),
                 norm=None if config.norm is local_norm else config.norm,  # layer-wise rules: global norms
                 checked=True,  # every item passed accepts() in this run
             )

@@ -45,6 +45,8 @@ GRAD_PATTERNS = ("dense", "none_some_steps", "frozen_then_unfrozen", "zeros")
 def _near(key: str, example, default, rng: random.Random):
     """A value near the rule's example: numbers scaled, betas moved in (0, 1), weight decay and
     zero-default values sometimes at 0 (a decay left at 0 hides decay bugs; one always on hides the branch)."""
+    if example is None or isinstance(example, str) or (isinstance(example, tuple) and not key.endswith("betas")):
+        return example  # a choice or a structural tuple (Muon's adjust_lr_fn, ns_coefficients): the example's
     if isinstance(example, tuple):
         return tuple(1 - (1 - b) * rng.uniform(0.5, 1.5) for b in example)
     if isinstance(example, int):
@@ -60,7 +62,8 @@ def hyperparameters(rule: str, rng: random.Random) -> dict:
     spec = RULES[rule].rule
     for _ in range(50):
         hp = {key: _near(key, value, spec.defaults[key], rng) for key, value in spec.example.items()}
-        hp.update({flag: (rng.random() < 0.3) != spec.defaults[flag] for flag in sorted(spec.flag_names)})  # flip 30%
+        hp.update({flag: (rng.random() < 0.3) != spec.defaults[flag] for flag in sorted(spec.flag_names)
+                   if isinstance(spec.defaults[flag], bool)})  # flip 30%
         try:
             spec.validate({**spec.defaults, **hp})
         except ValueError:

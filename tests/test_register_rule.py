@@ -200,7 +200,7 @@ def _rule(name="fresh_rule", **attrs):
         "description": "a test rule",
         "defaults": {"lr": 0.1, "weight_decay": 0.0},
         "buffers": classmethod(lambda cls, flags: (Buffer("buf", "signed"),)),
-        "update": staticmethod(lambda p, g, state, c, flags, norm: p.sub_(g * c["lr"])),
+        "update": staticmethod(lambda p, g, state, c, flags, norm, param: p.sub_(g * c["lr"])),
         **attrs,
     }
     return type(attrs.pop("class_name", "FreshRule"), (UpdateRule,), body)
@@ -223,8 +223,8 @@ BAD_RULES = [
      r"class name 'Lion' is taken by the registered rule 'lion'"),
     ("no lr", lambda: _rule(defaults={"weight_decay": 0.0}), ValueError, r"\.defaults must be .* including 'lr'"),
     ("flags", lambda: _rule(flag_names=frozenset({"nesterov"})), ValueError, r"flag_names must be a set of keys"),
-    ("flag default", lambda: _rule(defaults={"lr": 0.1, "on": 1}, flag_names=frozenset({"on"})), ValueError,
-     r"the flags \['on'\] need True/False defaults"),
+    ("flag default", lambda: _rule(defaults={"lr": 0.1, "on": [1]}, flag_names=frozenset({"on"})), ValueError,
+     r"the flags \['on'\] need hashable defaults"),
     ("no description", lambda: _rule(description=""), ValueError, r"\.description must be a one-line description"),
     ("no update", lambda: _rule(update=UpdateRule.update), ValueError, r"must implement update\(p, g, state"),
     ("no buffers", lambda: _rule(buffers=UpdateRule.buffers), ValueError,

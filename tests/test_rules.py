@@ -49,6 +49,7 @@ REFERENCES = {
     "adan": ["test_rules.py::test_adan_matches_optimi"],
     "ranger": ["test_rules.py::test_ranger_matches_optimi"],
     "sgd": ["test_rules.py::test_sgd_matches_torch"],
+    "muon": ["test_muon.py::test_eager_matches_torch_muon", "test_muon.py::test_compiled_matches_torch_muon"],
 }
 
 

@@ -91,11 +91,15 @@ def _variants(name):
                 yield f"{key}[{i}]", {**hp, key: tuple(betas)}
         elif isinstance(value, int):  # a count (Ranger's k)
             yield key, {**hp, key: hp[key] + 1}
+        elif value is None or isinstance(value, str):  # a choice (Muon's adjust_lr_fn, adamw_lr=None): back to it
+            yield key, {**hp, key: value}
         else:
             yield key, {**hp, key: hp[key] * 0.5 if hp[key] else 0.1}
 
 
 CHANGES = [(name, key, hp) for name in RULES for key, hp in _variants(name)]
+#: gradients scaled where a hyperparameter acts only on small ones (Muon's eps floors the gradient's norm)
+GRAD_SCALE = {("muon", "eps"): 1e-6}
 
 
 @pytest.mark.parametrize(("name", "key", "hp"), CHANGES, ids=[f"{c[0]}-{c[1]}" for c in CHANGES])
@@ -113,6 +117,8 @@ def test_every_accepted_kwarg_changes_the_update(name, key, hp):
             opt = build(name, params, **setting)
         for step in range(8):  # Ranger's rectified branch starts at step 6 (beta2 0.98)
             set_grads(params, step)
+            for p in params:
+                p.grad.mul_(GRAD_SCALE.get((name, key), 1.0))
             opt.step()
         results.append(torch.cat([p.detach().reshape(-1) for p in params]))
     assert not torch.allclose(results[0], results[1], atol=1e-7, rtol=1e-6), f"{name}: {key} changed nothing"
@@ -123,7 +129,7 @@ def test_every_accepted_kwarg_changes_the_update(name, key, hp):
 #: a quick-descent setting per rule where its example (the default for a rule not listed) descends too slowly
 DOWNHILL = {"adamw": {"lr": 5e-2}, "lion": {"lr": 3e-2}, "lamb": {"lr": 5e-2},
             "lars": {"lr": 0.5, "trust_coefficient": 0.1}, "stable_adamw": {"lr": 5e-2}, "adan": {"lr": 5e-2},
-            "ranger": {"lr": 2e-1}, "sgd": {"lr": 5e-2, "momentum": 0.9}}
+            "ranger": {"lr": 2e-1}, "sgd": {"lr": 5e-2, "momentum": 0.9}, "muon": {"lr": 0.1, "adamw_lr": 5e-2}}
 
 
 @pytest.mark.filterwarnings("ignore:Lion got")

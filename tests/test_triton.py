@@ -340,6 +340,8 @@ def _triton_case(seed: int):
     """A drawn case (rule, storage, placement, layouts, gradient pattern, hyperparameters, mid-run reload) with
     what the kernel takes: fp32/bf16/fp16 parameters (float64 ones step eagerly by design)."""
     case = draw(30_000 + seed, ("triton",))
+    while case.rule not in RULES:  # a rule without a kernel (Muon) is refused by execution="triton": redraw
+        case = draw(case.seed + 100_000, ("triton",))
     if case.dtype == torch.float64:
         case.dtype = torch.float32
     return case

@@ -28,6 +28,7 @@ import torch
 
 from .. import registry
 from ..parsing.sizes import parse_size
+from ..rules.base import ParamInfo
 from ..state import MIN_8BIT_SIZE, planned_bytes
 
 _DTYPES = {
@@ -116,10 +117,17 @@ def param_state_bytes(
     *,
     hyperparameters: dict[str, Any] | None = None,
     step_counter: bool = True,
+    shape: tuple[int, ...] | None = None,
 ) -> int:
-    """Exact state bytes one parameter gets from the optimizer ``spec``."""
+    """Exact state bytes one parameter gets from the optimizer ``spec``.
+
+    With its ``shape``, a parameter that the optimizer's rule hands to its companion (Muon: AdamW for what
+    is not a hidden matrix) is counted with the companion's buffers; without, as the rule's own.
+    """
     rule, defaults = _rule_and_defaults(spec)
     group = {**defaults, **(hyperparameters or {})}
+    if shape is not None and rule.rule_for(ParamInfo(ndim=len(shape), shape=shape, name=name)) is not rule:
+        rule, group = rule.other, rule.other_group(group)
     return planned_bytes(rule, group, name, numel, dtype, step_counter=step_counter)
 
 
@@ -170,7 +178,8 @@ def optimizer_memory(
         trainable = [(n, p) for n, p in named if p.requires_grad]
         gradients = sum(p.numel() * dtype_of(p).itemsize for _, p in trainable)
         def total_state(hp: dict[str, Any] | None) -> int:
-            return sum(param_state_bytes(spec, n, p.numel(), dtype_of(p), hyperparameters=hp) for n, p in trainable)
+            return sum(param_state_bytes(spec, n, p.numel(), dtype_of(p), hyperparameters=hp, shape=tuple(p.shape))
+                       for n, p in trainable)
 
         n_params = sum(p.numel() for _, p in named)
     else:

@@ -120,6 +120,7 @@ def recommend(
     tuning_budget: Literal["low", "high"] = "low",
     unstable: bool = False,
     param_dtype: str | torch.dtype | None = None,
+    from_scratch: bool = False,
 ) -> Recommendation:
     """Recommend an optimizer, schedule and hyperparameters.
 
@@ -133,11 +134,15 @@ def recommend(
         tuning_budget: ``"high"`` if you can tune the lr schedule (CNNs then get SGD + momentum).
         unstable: training shows loss spikes (StableAdamW, or beta2 0.95).
         param_dtype: parameter dtype for the memory figures (default the model's, or fp32).
+        from_scratch: the model is trained from random initialization (pretraining), not fine-tuned: a
+            transformer that fits then gets Muon for its hidden matrices (AdamW for the rest).
     """
     if task is not None and task not in TASKS:
         raise ValueError(f"Invalid task: {task!r} (allowed: {', '.join(TASKS)})")
     if tuning_budget not in TUNING_BUDGETS:
         raise ValueError(f"Invalid tuning_budget: {tuning_budget!r} (allowed: {', '.join(TUNING_BUDGETS)})")
+    if not isinstance(from_scratch, bool):
+        raise ValueError(f"Invalid from_scratch: {from_scratch!r} (allowed: True or False)")
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
         raise ValueError(f"Invalid batch_size: {batch_size!r} (allowed: a positive int)")
     if model is not None and n_params is not None:
@@ -199,6 +204,15 @@ def recommend(
                 f"large batch ({batch_size} > {LARGE_BATCH}): LAMB's layer-wise trust ratio keeps it stable "
                 "and tolerates a higher lr (1e-3)"
             )
+        elif from_scratch and task == "transformer" and _registered("muon"):
+            optim, hp = "muon", dict(translate_hparams("adamw", "muon", lr=adamw_lr, weight_decay=wd).values)
+            reasons.append(
+                "transformer trained from scratch: Muon orthogonalizes the hidden matrices' momentum (AdamW for "
+                "embeddings, lm_head, norms and biases); pretraining runs reach AdamW's loss with ~half the compute "
+                "(Moonlight, Liu et al. 2025). adjust_lr_fn='match_rms_adamw' lets AdamW's lr and weight decay carry "
+                "over. For fine-tuning a model pretrained with AdamW no gain is known: keep AdamW there"
+            )
+            reasons.append("linear warmup (5% of steps) and cosine decay")
         else:
             if batch_size is not None and batch_size > BETA2_BATCH:
                 hp["betas"] = (0.9, STABLE_BETA2)
@@ -326,6 +340,8 @@ def cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tuning-budget", "--tuning_budget", dest="tuning_budget", choices=TUNING_BUDGETS,
                         default="low", help="high: you can tune the lr schedule")
     parser.add_argument("--unstable", action="store_true", help="training shows loss spikes")
+    parser.add_argument("--from-scratch", "--from_scratch", dest="from_scratch", action="store_true",
+                        help="pretraining from random weights, not fine-tuning (transformers: Muon)")
     parser.add_argument("--dtype", default=None, help="parameter dtype for memory: fp32, bf16, fp16")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
 
@@ -335,6 +351,7 @@ def cli_run(args: argparse.Namespace) -> int:
     rec = recommend(
         model, n_params=args.params, task=args.task, device_memory=args.device_memory, batch_size=args.batch_size,
         tuning_budget=args.tuning_budget, unstable=args.unstable, param_dtype=args.dtype,
+        from_scratch=args.from_scratch,
     )
     if args.json:
         print(json.dumps({**asdict(rec), "training_args": rec.to_training_args()}, indent=2, default=str))

@@ -46,7 +46,7 @@ import torch
 from torch import Tensor
 
 from ..rules import BUILTIN_RULES
-from ..rules.base import Buffer, UpdateRule
+from ..rules.base import NO_PARAM_INFO, Buffer, ParamInfo, UpdateRule
 from ..rules.native_binding import NativeBinding
 from ..state.base import StateCodec
 from ..state.blockwise import BLOCK, BlockwiseCodec
@@ -462,11 +462,12 @@ def _(params, grads, states, kahans, coefficients, rule, storage, flags, counter
     return None
 
 
-def flag_bits(rule: type[UpdateRule], flags: Mapping[str, object], kahan: bool) -> int:
+def flag_bits(rule: type[UpdateRule], flags: Mapping[str, object], kahan: bool,
+              param: ParamInfo = NO_PARAM_INFO) -> int:
     kernel = KERNELS[rule.name]
     bits = sum(bit for name, bit in kernel.flags.items() if flags.get(name))
     # LAMB's and LARS's biases and norms: the plain step, no trust ratio (the rules' own condition)
-    if flags.get("exclude_bias_and_norm") and flags.get("param_ndim", 2) <= 1:  # type: ignore[operator]
+    if flags.get("exclude_bias_and_norm") and param.ndim is not None and param.ndim <= 1:
         bits |= _PLAIN_FLAG
     return bits | (_KAHAN_FLAG if kahan else 0)
 

@@ -70,12 +70,13 @@ RULES: dict[str, tuple[int, tuple[str, ...]]] = {
                          "inv_bias_correction1", "inv_bias_correction2", "inv_bias_correction2_sqrt", "eps",
                          "eps_sq")),
 }
-#: the structural flags each rule's kernel takes (``param_ndim`` decides whether a layer-wise rule's trust applies)
+#: the structural flags each rule's kernel takes (the configuration's ``param.ndim`` decides whether a layer-wise
+#: rule's trust applies)
 FLAGS: dict[str, frozenset[str]] = {
     "adamw": frozenset({"maximize", "amsgrad"}),
     "sgd": frozenset({"maximize", "nesterov"}),
-    "lamb": frozenset({"bias_correction", "exclude_bias_and_norm", "param_ndim"}),
-    "lars": frozenset({"nesterov", "exclude_bias_and_norm", "param_ndim"}),
+    "lamb": frozenset({"bias_correction", "exclude_bias_and_norm"}),
+    "lars": frozenset({"nesterov", "exclude_bias_and_norm"}),
 }
 #: one int64 row per tensor: numel, param, grad, kahan, 4 state data, 4 block scales (``triton_rules``)
 COLUMNS = ("numel", "param", "grad", "kahan", *(f"data{i}" for i in range(4)), *(f"scales{i}" for i in range(4)))
@@ -216,7 +217,7 @@ def _step(config: StepConfig, items: list[StepItem], hp: dict[str, Tensor]) -> N
     c = {name: torch.broadcast_to(torch.as_tensor(value, device=device).to(torch.float32), steps.shape)
          for name, value in c.items()}
     columns = [c[name] for name in RULES[rule.name][1]]
-    f0, f1, layer_wise = _kernel_flags(rule.name, flags)
+    f0, f1, layer_wise = _kernel_flags(rule.name, flags, config.param.ndim)
     constants = _constants(config, items[0].g.dtype, f0, f1)
     if layer_wise and rule.name == "lars":  # norms of the inputs: the rule's norm on them, in torch, as eager
         columns += _layer_factors(rule.name, c, _input_norms(config, items), None)
@@ -270,14 +271,14 @@ def _launch(shape: _Shape, table: Tensor, coef: Tensor, sums: Tensor, constants:
         )
 
 
-def _kernel_flags(rule: str, flags: Mapping[str, Any]) -> tuple[bool, bool, bool]:
+def _kernel_flags(rule: str, flags: Mapping[str, Any], ndim: int | None) -> tuple[bool, bool, bool]:
     """(F0, F1, whether a sums pass runs first) for one rule's kernel."""
     if rule == "adamw":
         return bool(flags["maximize"]), bool(flags["amsgrad"]), False
     if rule == "sgd":
         return bool(flags["maximize"]), bool(flags["nesterov"]), False
     if rule in ("lamb", "lars"):
-        trust = not (flags["exclude_bias_and_norm"] and flags["param_ndim"] <= 1)
+        trust = not (flags["exclude_bias_and_norm"] and ndim is not None and ndim <= 1)
         return (trust, False, trust) if rule == "lamb" else (bool(flags["nesterov"]), trust, trust)
     return False, False, rule == "stable_adamw"
 

@@ -10,13 +10,14 @@ from .base import Buffer, BufferKind, Relation, UpdateRule
 from .lamb import LAMB
 from .lars import LARS
 from .lion import Lion
+from .muon import Muon
 from .ranger import Ranger
 from .registry import RulePluginError, get_rule, register_rule, registered_rules
 from .sgd import SGD
 from .stable_adamw import StableAdamW
 
 #: the rules that ship with hf_optim, in the order ``hf-optim list`` and the docs show them
-BUILTIN_RULES = (AdamW, Lion, LAMB, LARS, StableAdamW, Adan, Ranger, SGD)
+BUILTIN_RULES = (AdamW, Lion, LAMB, LARS, StableAdamW, Adan, Ranger, Muon, SGD)
 
 __all__ = [
     "BUILTIN_RULES",
@@ -28,6 +29,7 @@ __all__ = [
     "Buffer",
     "BufferKind",
     "Lion",
+    "Muon",
     "Ranger",
     "Relation",
     "RulePluginError",

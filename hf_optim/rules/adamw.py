@@ -26,6 +26,7 @@ from torch import Tensor
 from .base import (
     Buffer,
     NormFn,
+    ParamInfo,
     Relation,
     UpdateRule,
     moment_coefficients,
@@ -82,6 +83,7 @@ class AdamW(UpdateRule):
         c: Mapping[str, Tensor],
         flags: Mapping[str, Any],
         norm: NormFn,
+        param: ParamInfo,
     ) -> None:
         if flags["maximize"]:
             g = -g

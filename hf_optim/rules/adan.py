@@ -33,7 +33,7 @@ from typing import Any
 
 from torch import Tensor
 
-from .base import Buffer, NormFn, Relation, UpdateRule, moment_coefficients
+from .base import Buffer, NormFn, ParamInfo, Relation, UpdateRule, moment_coefficients
 from .native_binding import NativeBinding
 
 
@@ -93,6 +93,7 @@ class Adan(UpdateRule):
         c: Mapping[str, Tensor],
         flags: Mapping[str, Any],
         norm: NormFn,
+        param: ParamInfo,
     ) -> None:
         m, v, n, prev = state["exp_avg"], state["exp_avg_diff"], state["exp_avg_sq"], state["prev_grad"]
         diff = (g - prev) * c["has_prev"]

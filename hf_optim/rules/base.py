@@ -12,8 +12,16 @@ code runs eagerly (the reference) and under ``torch.compile`` (the fast path):
 - ``coefficients(hp, step, flags)``: the scalar math of one step (bias
   corrections, step sizes) from the 0-d fp32 hyperparameters ``hp`` and the
   parameter's step count. Computed once per step, never per element.
-- ``update(p, g, state, c, flags, norm)``: the elementwise math, using the
-  coefficients ``c``.
+- ``update(p, g, state, c, flags, norm, param)``: the tensor math, using the
+  coefficients ``c``; ``param`` (a ``ParamInfo``) says what the rule declared
+  it needs to know of the parameter itself (``param_fields``: its original
+  ``ndim`` or ``shape``), the rest ``None``.
+
+A rule may step only some parameters (``takes``) and hand the others to a
+companion rule (``other``) in the same optimizer: Muon orthogonalizes 2-D
+hidden matrices and leaves embeddings, the head, norms and biases to AdamW.
+The companion's hyperparameters live in the rule's ``defaults`` under its
+name as prefix (``adamw_lr``, ``adamw_betas``, ...; ``other_group``).
 
 Hyperparameters are tensors, so changing them never recompiles; structural
 options (booleans such as ``amsgrad``) arrive in ``flags``.
@@ -23,7 +31,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -76,6 +84,37 @@ class Relation:
         return self.lr_factor is not None
 
 
+#: the ``ParamInfo`` fields a rule may declare in ``param_fields``
+PARAM_FIELDS = frozenset({"ndim", "shape"})
+
+
+@dataclass(frozen=True)
+class ParamInfo:
+    """What a rule may know of the parameter it steps besides its (flattened) values.
+
+    ``shape`` is the parameter's original, global shape (a DTensor's, not its shard's), ``ndim`` its length,
+    ``name`` the parameter's name in the model when the optimizer was given names. ``takes`` sees all of it;
+    ``update`` sees only the fields the rule lists in ``param_fields`` (the others are None), because those
+    are part of the step configuration: one configuration, and one compiled graph, per distinct value.
+    """
+
+    ndim: int | None = None
+    shape: tuple[int, ...] | None = None
+    name: str | None = None
+
+    @classmethod
+    def of(cls, p: Tensor, name: str | None = None) -> ParamInfo:
+        return cls(ndim=p.dim(), shape=tuple(p.shape), name=name)
+
+    def only(self, fields: frozenset[str]) -> ParamInfo:
+        """This info with every field not in ``fields`` set to None (``name`` never stays)."""
+        return replace(self, **{f: None for f in ("ndim", "shape", "name") if f not in fields})
+
+
+#: the ``ParamInfo`` of a rule that declares no ``param_fields``: one for every parameter
+NO_PARAM_INFO = ParamInfo()
+
+
 class UpdateRule:
     """Base class: subclasses set the class attributes and implement ``update``."""
 
@@ -95,10 +134,18 @@ class UpdateRule:
     #: True only where the name is also a transformers ``optim`` value and this rule is the same math
     #: (``sgd``: torch.optim.SGD): hf_optim then takes the name over instead of refusing the clash
     takes_over_transformers_name: ClassVar[bool] = False
-    #: opt-in: the engine adds ``param_ndim`` (the parameter's original ``ndim``,
-    #: before flattening) to ``flags``, so a rule can treat biases and norm
-    #: weights (``ndim <= 1``) differently; one compiled graph per ndim
-    wants_param_ndim: ClassVar[bool] = False
+    #: the ``ParamInfo`` fields ``update`` reads (``"ndim"``: LAMB/LARS treat biases and norm weights,
+    #: ``ndim <= 1``, differently; ``"shape"``: a matrix rule); each distinct value is its own configuration
+    #: and compiled graph, so an elementwise rule declares none and one graph serves every tensor
+    param_fields: ClassVar[frozenset[str]] = frozenset()
+    #: True when ``update`` needs the whole parameter, not an FSDP2 shard of it (a matrix function): the
+    #: engine refuses a parameter sharded over more than one rank with an error that says so
+    needs_whole_tensor: ClassVar[bool] = False
+    #: True when ``update`` rounds to a lower precision on purpose (Muon's bfloat16 Newton–Schulz): compiled
+    #: execution then emulates each rounding as eager makes it, instead of keeping fp32 intermediates
+    rounds_inside: ClassVar[bool] = False
+    #: the rule that steps the parameters this one does not ``take``, or None (this one takes all)
+    other: ClassVar[type[UpdateRule] | None] = None
     #: True when ``update`` is purely elementwise (no whole-tensor norm): the engine may
     #: then step a large parameter in row chunks that keep the fused step's temporaries in cache
     elementwise: ClassVar[bool] = False
@@ -127,14 +174,67 @@ class UpdateRule:
             check_weight_decay(group["weight_decay"])
         for name in sorted(cls.flag_names):
             check_flag(name, group[name])
+        cls.validate_other(group)
+
+    @classmethod
+    def validate_other(cls, group: Mapping[str, Any]) -> None:
+        """Validate the companion rule's namespaced hyperparameters (as ``adamw_lr``, not ``lr``)."""
+        if cls.other is None:
+            return
+        prefix = cls.other_prefix()
+        try:
+            cls.other.validate(cls.other_group(group))
+        except ValueError as err:  # name the key as the user wrote it
+            raise ValueError(f"{err} (a {cls.other.name} hyperparameter of {cls.name}: the "
+                             f"{prefix}* keys)") from None
+
+    @classmethod
+    def takes(cls, param: ParamInfo) -> bool:
+        """Whether this rule steps ``param`` (``other`` steps it otherwise); every field of ``param`` is set,
+        ``name`` where the optimizer was given names."""
+        return True
+
+    @classmethod
+    def rule_for(cls, param: ParamInfo) -> type[UpdateRule]:
+        """The rule that steps ``param`` in this rule's optimizer: this one, or ``other``."""
+        return cls if cls.other is None or cls.takes(param) else cls.other
+
+    @classmethod
+    def other_prefix(cls) -> str:
+        assert cls.other is not None
+        return f"{cls.other.name}_"
+
+    @classmethod
+    def other_group(cls, group: Mapping[str, Any]) -> dict[str, Any]:
+        """A param group as ``other`` sees it: each namespaced hyperparameter (``adamw_betas``) under its own
+        name (``betas``), everything else (storage options, names) as it is.
+
+        A namespaced value of None takes this rule's value of the same key (``adamw_weight_decay=None``:
+        the group's ``weight_decay``). A namespaced ``lr`` given as a number follows the group's schedule: it is
+        scaled by ``lr / initial_lr`` (a torch LR scheduler records ``initial_lr``; without one the factor is 1),
+        so one scheduler drives both rules.
+        """
+        assert cls.other is not None
+        prefix, out = cls.other_prefix(), dict(group)
+        for key in cls.other.defaults:
+            value = group[prefix + key]
+            if value is None:
+                value = group[key]
+            elif key == "lr" and "initial_lr" in group and group["initial_lr"]:
+                value = value * (group["lr"] / group["initial_lr"])
+            out[key] = value
+        return out
 
     @classmethod
     def scalars(cls, group: Mapping[str, Any]) -> dict[str, float]:
         """The group's numeric hyperparameters as named floats (tuples split)."""
         out: dict[str, float] = {}
+        companion = cls.other_prefix() if cls.other is not None else None
         for key, value in group.items():
             if key not in cls.defaults or key in cls.flag_names:
                 continue
+            if companion is not None and key.startswith(companion):
+                continue  # the companion's: its own scalars come from ``other_group``
             if isinstance(value, tuple | list):
                 for i, v in enumerate(value, start=1):
                     out[f"{key.rstrip('s')}{i}"] = float(v)  # betas -> beta1, beta2
@@ -155,8 +255,10 @@ class UpdateRule:
         c: Mapping[str, Tensor],
         flags: Mapping[str, Any],
         norm: NormFn,
+        param: ParamInfo,
     ) -> None:
-        """Advance ``p`` and ``state`` by one step, in place (fp32, 1-D)."""
+        """Advance ``p`` and ``state`` by one step, in place (fp32, in the working layout: 1-D or rows of a
+        block; ``param.shape``, when declared, gives the parameter's own shape to view them in)."""
         raise NotImplementedError
 
 
@@ -212,6 +314,11 @@ def check_unit_interval(name: str, value: Any, *, closed: bool = True) -> None:
     if not ok:
         interval = "[0, 1]" if closed else "[0, 1)"
         raise ValueError(f"Invalid {name} value: {value} (expected a number in {interval})")
+
+
+def namespaced(rule: type[UpdateRule], **overrides: Any) -> dict[str, Any]:
+    """``rule``'s defaults under its name as prefix (``adamw_lr``...), for a rule whose ``other`` it is."""
+    return {f"{rule.name}_{key}": overrides.get(key, value) for key, value in rule.defaults.items()}
 
 
 def moment_coefficients(beta1: Tensor, beta2: Tensor) -> dict[str, Tensor]:

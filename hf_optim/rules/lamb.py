@@ -19,7 +19,7 @@ Biases and norm weights: with ``exclude_bias_and_norm`` (default True) every
 tensor with ``ndim <= 1`` gets neither weight decay nor a trust ratio, i.e. a
 plain bias-corrected Adam step, as the paper's BERT setup does. The rule
 cannot see names, so it asks the engine for the parameter's original ndim
-(``wants_param_ndim``). ``bias_correction=False`` drops the ``1 - beta^t``
+(``param_fields``). ``bias_correction=False`` drops the ``1 - beta^t``
 terms (the paper's v1-v2 form, NVIDIA's ``bias_correction`` switch).
 
 Peers differ: pytorch_optimizer's ``Lamb`` corrects only the first moment,
@@ -45,6 +45,7 @@ from torch import Tensor
 from .base import (
     Buffer,
     NormFn,
+    ParamInfo,
     Relation,
     UpdateRule,
     moment_coefficients,
@@ -66,7 +67,7 @@ class LAMB(UpdateRule):
         "exclude_bias_and_norm": True,
     }
     flag_names = frozenset({"bias_correction", "exclude_bias_and_norm"})
-    wants_param_ndim = True
+    param_fields = frozenset({"ndim"})
     relation = Relation(
         1.0,
         1.0,
@@ -84,7 +85,7 @@ class LAMB(UpdateRule):
         kernel="lamb",
         coefficients=("lr", "weight_decay", "beta1", "one_minus_beta1", "beta2", "one_minus_beta2",
                       "inv_bias_correction1", "inv_bias_correction2_sqrt", "inv_bias_correction2", "eps"),
-        folded_flags=("bias_correction", "exclude_bias_and_norm", "param_ndim"),
+        folded_flags=("bias_correction", "exclude_bias_and_norm"),
         layerwise="lamb", per_parameter=("scale",),
     )
 
@@ -115,11 +116,12 @@ class LAMB(UpdateRule):
         c: Mapping[str, Tensor],
         flags: Mapping[str, Any],
         norm: NormFn,
+        param: ParamInfo,
     ) -> None:
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
         update_moments(g, exp_avg, exp_avg_sq, c)
         r = exp_avg * c["inv_bias_correction1"] / (exp_avg_sq.sqrt() * c["inv_bias_correction2_sqrt"] + c["eps"])
-        if flags["exclude_bias_and_norm"] and flags["param_ndim"] <= 1:
+        if flags["exclude_bias_and_norm"] and param.ndim <= 1:
             p.sub_(r * c["lr"])
             return
         r = r + p * c["weight_decay"]

@@ -14,7 +14,7 @@ The norms are of the whole parameter (global under FSDP2, via the engine's
 gradient clipping is hidden in the step. With ``exclude_bias_and_norm``
 (default True) tensors with ``ndim <= 1`` (biases, norm weights) take a plain
 momentum-SGD step: no weight decay, no trust ratio. The rule learns the
-parameter's original ndim from the engine (``wants_param_ndim``).
+parameter's original ndim from the engine (``param_fields``).
 
 Defaults: eta 1e-3 (the paper's), momentum 0.9, no weight decay, lr 1.0:
 ``lr`` multiplies the trust ratio, so a matrix moves about ``lr * eta`` of its
@@ -34,6 +34,7 @@ from torch import Tensor
 from .base import (
     Buffer,
     NormFn,
+    ParamInfo,
     Relation,
     UpdateRule,
     check_non_negative,
@@ -56,7 +57,7 @@ class LARS(UpdateRule):
         "exclude_bias_and_norm": True,
     }
     flag_names = frozenset({"nesterov", "exclude_bias_and_norm"})
-    wants_param_ndim = True
+    param_fields = frozenset({"ndim"})
     relation = Relation.no_equivalent(
         "LARS's lr multiplies a layer-wise trust ratio (each matrix moves ~lr*trust_coefficient of its "
         "norm per step), so there is no AdamW-equivalent value: start from lr ~0.3 x batch/256 with "
@@ -67,7 +68,7 @@ class LARS(UpdateRule):
     native = NativeBinding(
         kernel="lars",
         coefficients=("lr", "weight_decay", "momentum", "one_minus_dampening", "has_momentum", "trust_coefficient"),
-        flags=("nesterov",), folded_flags=("exclude_bias_and_norm", "param_ndim"),
+        flags=("nesterov",), folded_flags=("exclude_bias_and_norm",),
         layerwise="lars", per_parameter=("trust",),
     )
 
@@ -101,8 +102,9 @@ class LARS(UpdateRule):
         c: Mapping[str, Tensor],
         flags: Mapping[str, Any],
         norm: NormFn,
+        param: ParamInfo,
     ) -> None:
-        if not (flags["exclude_bias_and_norm"] and flags["param_ndim"] <= 1):
+        if not (flags["exclude_bias_and_norm"] and param.ndim <= 1):
             p_norm = norm(p)
             denominator = norm(g) + c["weight_decay"] * p_norm
             g = (g + p * c["weight_decay"]) * trust_ratio(p_norm, denominator, c["trust_coefficient"])

@@ -24,7 +24,7 @@ from typing import Any
 from torch import Tensor
 
 from ..util.user_warnings import warn_user
-from .base import Buffer, NormFn, Relation, UpdateRule, _as_float, moment_coefficients
+from .base import Buffer, NormFn, ParamInfo, Relation, UpdateRule, _as_float, moment_coefficients
 from .native_binding import NativeBinding
 
 #: an lr at or above this is AdamW-sized for Lion
@@ -106,6 +106,7 @@ class Lion(UpdateRule):
         c: Mapping[str, Tensor],
         flags: Mapping[str, Any],
         norm: NormFn,
+        param: ParamInfo,
     ) -> None:
         exp_avg = state["exp_avg"]
         p.mul_(c["decay"])

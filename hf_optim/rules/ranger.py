@@ -36,6 +36,7 @@ from torch import Tensor
 from .base import (
     Buffer,
     NormFn,
+    ParamInfo,
     Relation,
     UpdateRule,
     _as_float,
@@ -108,6 +109,7 @@ class Ranger(UpdateRule):
         c: Mapping[str, Tensor],
         flags: Mapping[str, Any],
         norm: NormFn,
+        param: ParamInfo,
     ) -> None:
         exp_avg, exp_avg_sq, slow = state["exp_avg"], state["exp_avg_sq"], state["slow_param"]
         p.mul_(c["decay"])

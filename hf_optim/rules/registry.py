@@ -130,6 +130,12 @@ def rule_for_class_name(class_name: str) -> type[UpdateRule] | None:
     return None
 
 
+def _hashable(value: Any) -> bool:
+    if isinstance(value, tuple):
+        return all(_hashable(v) for v in value)
+    return value is None or isinstance(value, bool | int | float | str)
+
+
 # --- plugins --------------------------------------------------------------------------------
 
 
@@ -183,13 +189,15 @@ def check_rule(rule: Any, *, builtin: bool = False) -> None:
     flags = rule.flag_names
     if not (isinstance(flags, frozenset | set) and flags <= set(defaults)):
         raise ValueError(f"{where}.flag_names must be a set of keys of defaults; got {flags!r}")
-    not_bool = sorted(f for f in flags if not isinstance(defaults[f], bool))
-    if not_bool:
-        raise ValueError(f"{where}: the flags {not_bool} need True/False defaults")
+    # flags are structural (part of the step configuration's key and the compiled graph): hashable values
+    unhashable = sorted(f for f in flags if not _hashable(defaults[f]))
+    if unhashable:
+        raise ValueError(f"{where}: the flags {unhashable} need hashable defaults (True/False, a number, a string, "
+                         "None or a tuple of them)")
     if not isinstance(rule.description, str) or not rule.description.strip():
         raise ValueError(f"{where}.description must be a one-line description (for hf-optim list)")
     if rule.update is UpdateRule.update:
-        raise ValueError(f"{where} must implement update(p, g, state, c, flags, norm)")
+        raise ValueError(f"{where} must implement update(p, g, state, c, flags, norm, param)")
     _check_buffers(where, rule, {f: defaults[f] for f in flags})
     if rule.relation is not None and not isinstance(rule.relation, Relation):
         raise ValueError(f"{where}.relation must be an hf_optim.rules.Relation or None; got {rule.relation!r}")

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import Buffer, NormFn, Relation, UpdateRule, check_non_negative
+from .base import Buffer, NormFn, ParamInfo, Relation, UpdateRule, check_non_negative
 from .native_binding import NativeBinding
 
 
@@ -85,6 +85,7 @@ class SGD(UpdateRule):
         c: Mapping[str, Tensor],
         flags: Mapping[str, Any],
         norm: NormFn,
+        param: ParamInfo,
     ) -> None:
         if flags["maximize"]:
             g = -g

@@ -32,6 +32,7 @@ from torch import Tensor
 from .base import (
     Buffer,
     NormFn,
+    ParamInfo,
     Relation,
     UpdateRule,
     global_mean_sqrt,
@@ -90,6 +91,7 @@ class StableAdamW(UpdateRule):
         c: Mapping[str, Tensor],
         flags: Mapping[str, Any],
         norm: NormFn,
+        param: ParamInfo,
     ) -> None:
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
         update_moments(g, exp_avg, exp_avg_sq, c)

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from ..rules.base import Buffer
+from ..rules.param_names import EMBEDDING_AND_HEAD_PATTERNS, NORM_PATTERNS
 from .base import StateCodec
 from .blockwise import EIGHT_BIT, BlockwiseCodec
 from .dense import BF16, FP32, FP64, DenseCodec
@@ -25,7 +26,7 @@ MIN_8BIT_SIZE = 4096
 #: parameter-name patterns (``re.search``, case-insensitive) whose state stays fp32 under a quantized codec
 #: (group option ``fp32_patterns``): embeddings, the output head and norms are sensitive
 #: to state error and small or sparse-gradient enough that quantizing them saves little
-FP32_PATTERNS: tuple[str, ...] = (r"embed", r"(^|\.)(wte|wpe)(\.|$)", r"lm_head", r"norm", r"(^|\.)ln_?\w*(\.|$)")
+FP32_PATTERNS: tuple[str, ...] = (*EMBEDDING_AND_HEAD_PATTERNS, *NORM_PATTERNS)
 
 
 def codec_for(

@@ -71,6 +71,7 @@ def precision_report(optimizer: Any) -> PrecisionReport:
             if state:
                 nbytes = sum(t.nbytes for t in state.values() if isinstance(t, Tensor))
             else:  # step counter + every buffer (+ the Kahan buffer of a bf16/fp16 parameter)
-                nbytes = planned_bytes(optimizer.rule, group, name, p.numel(), p.dtype)
+                rule = optimizer._rule_for(p, name)  # a Muon optimizer's AdamW parameters: AdamW's buffers
+                nbytes = planned_bytes(rule, optimizer._group_for(rule, group), name, p.numel(), p.dtype)
             rows.append(PrecisionRow(name, tuple(p.shape), p.numel(), precision, nbytes, bool(state)))
     return PrecisionReport(tuple(rows))

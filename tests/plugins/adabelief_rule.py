@@ -61,7 +61,7 @@ class AdaBelief(UpdateRule):
 
     @staticmethod
     def update(p: Tensor, g: Tensor, state: dict[str, Tensor], c: Mapping[str, Tensor],
-               flags: Mapping[str, Any], norm: Any) -> None:
+               flags: Mapping[str, Any], norm: Any, param: Any) -> None:
         m, s = state["exp_avg"], state["exp_avg_var"]
         p.mul_(c["decay"])
         m.mul_(c["beta1"]).add_(g * c["one_minus_beta1"])

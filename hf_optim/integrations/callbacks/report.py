@@ -41,7 +41,8 @@ def optimizer_report(optimizer: Any, lr_scheduler: Any = None) -> dict[str, Any]
                 row["state"] = next(precisions)  # the report's rows: groups and params in this order
                 row["placement"] = str(group.get("placement", getattr(opt, "placement", "device")))
                 if p.requires_grad:
-                    predicted += planned_bytes(opt.rule, group, name, p.numel(), p.dtype)
+                    rule = opt._rule_for(p, name)  # a companion rule's parameters (Muon's AdamW) have its buffers
+                    predicted += planned_bytes(rule, opt._group_for(rule, group), name, p.numel(), p.dtype)
             else:
                 row["state"] = "optimizer's own"
                 row["placement"] = str(p.device)
