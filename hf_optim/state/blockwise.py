@@ -250,13 +250,14 @@ class BlockwiseCodec(StateCodec):
         return codes is not None and absmax_key in stored and codes.dtype == self.code_map(buffer).dtype
 
 
-@torch._dynamo.assume_constant_result
 def _static_block(codec: BlockwiseCodec) -> int:
-    """``codec.block`` as a constant of the compiled graph. The compiled step reaches the codec through its
-    closure, and under ``dynamic=True`` an int read from there becomes a symbol: a (numel // block, block)
-    view with a symbolic block then fails in inductor's lowering. A configuration's codec never changes,
-    and each configuration compiles its own graph (``plan._compile_buckets``)."""
-    return codec.block
+    """``codec.block`` as a constant of the compiled graph where it is the default. The compiled step reaches
+    the codec through its closure, and under ``dynamic=True`` an int read from there becomes a symbol: a
+    (numel // block, block) view with a symbolic block then fails in inductor's lowering (the step falls
+    back to eager, with a warning). Comparing it with ``BLOCK`` makes dynamo guard on, and specialize to,
+    that value; other block sizes keep the symbol."""
+    block = codec.block
+    return BLOCK if block == BLOCK else block
 
 
 EIGHT_BIT = BlockwiseCodec()
