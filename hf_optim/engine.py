@@ -10,28 +10,32 @@ codecs (``hf_optim.state``) only store.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import sys
-from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
+from . import checkpoint
 from .execution import (
     KAHAN_KEY,
     StepConfig,
     StepItem,
+    as_tensors,
     compute_dtype,
     flat_state,
-    local_norm,
+    state_layout,
+    with_state,
     working_item,
 )
 from .kernels import native, triton_step
 from .plan import EXECUTOR, MODES, compiler_available
 from .rules.base import NO_PARAM_INFO, Buffer, ParamInfo, UpdateRule
+from .sharding import local as _local  # (under the names the step and configuration code has always used)
+from .sharding import norm_for as _norm_for
+from .sharding import split_over_ranks
 from .state import (
     CODECS,
     MIN_8BIT_SIZE,
@@ -41,13 +45,8 @@ from .state import (
     layout,
     validate_policy,
 )
-from .state.loading import copy_checked, loaded_step
-from .state.placement import PLACEMENTS, build_placement
+from .state.placement import PLACEMENTS, Placement, build_placement, option_defaults
 from .util.user_warnings import warn_user
-
-#: version of the state-dict layout, stored in every saved param group
-FORMAT_VERSION = 1
-_FORMAT_KEY = "hf_optim_format"
 
 #: options every optimizer takes on top of its rule's hyperparameters
 ENGINE_DEFAULTS: dict[str, Any] = {
@@ -76,12 +75,12 @@ class Optimizer(torch.optim.Optimizer):
             parameters) or ``"auto"``: triton on CUDA and native on CPU where they apply, else
             compiled for models of 1M+ elements when a compiler is present, else eager.
         placement: where state lives between steps: ``"device"`` (beside the parameter)
-            or another registered placement (``"paged"``).
-        paged_budget: with ``placement="paged"``: bytes of state kept beside the parameters
-            (a number > 1 or ``"2GiB"``), a fraction of the free memory (``0.5`` or ``"50%"``),
-            or ``None``/``"auto"`` (half of what is free); the rest is paged. Error otherwise.
-        paged_dir: with ``placement="paged"`` on CPU: the spill directory for file-backed
-            state (default ``tempfile.gettempdir()``). Error otherwise.
+            or another registered placement (``"paged"``: ``hf_optim.state.paged``;
+            ``hf_optim.state.placement.register_placement`` adds more).
+        paged_budget, paged_dir (and any registered placement's options): the chosen
+            placement's options (``paged``: the bytes of state kept beside the parameters,
+            the spill directory; see ``hf_optim.state.paged``). Giving one to a placement
+            that does not take it is an error naming the placement that does.
         state_precision: storage of the state buffers, ``"fp32"``, ``"bf16"`` or
             ``"8bit"`` (block-wise, ``hf_optim.state.blockwise``); settable per param group.
             On load, the loading optimizer's storage wins and saved state converts to it.
@@ -112,12 +111,12 @@ class Optimizer(torch.optim.Optimizer):
         *,
         execution: str = "auto",
         placement: str = "device",
-        paged_budget: float | str | None = None,
-        paged_dir: str | None = None,
-        **hyperparameters: Any,
+        **options: Any,
     ) -> None:
         cls_name = type(self).__name__
         allowed = {**self.rule.defaults, **ENGINE_DEFAULTS}
+        placing = option_defaults()  # every registered placement's options: the chosen one's go to it
+        hyperparameters = {k: v for k, v in options.items() if k not in placing}
         unknown = sorted(set(hyperparameters) - set(allowed))
         if unknown:
             raise TypeError(
@@ -131,8 +130,8 @@ class Optimizer(torch.optim.Optimizer):
         defaults = {**allowed, **hyperparameters}
         self.execution = execution
         self.placement = placement
-        # paged placement (hf_optim.state.paged): None for "device"; paged_* only with "paged"
-        self._pager = build_placement(placement, paged_budget=paged_budget, paged_dir=paged_dir)
+        # where state lives (hf_optim.state.placement): "device" is the null object, called like any other
+        self._placement: Placement = build_placement(placement, **{k: v for k, v in options.items() if k in placing})
         self._configs: dict[tuple, StepConfig] = {}  # per parameter and group setting
         self._interned: dict[StepConfig, StepConfig] = {}  # one object per distinct configuration
         super().__init__(params, defaults)
@@ -177,7 +176,7 @@ class Optimizer(torch.optim.Optimizer):
             why = float64_unsupported(group, name, p.numel()) if p.dtype == torch.float64 else None
             if why:
                 raise ValueError(f"Invalid state_precision for {name}: {why}")
-            if self.rule.needs_whole_tensor and _split_over_ranks(p) and self._rule_for(p, name).needs_whole_tensor:
+            if self.rule.needs_whole_tensor and split_over_ranks(p) and self._rule_for(p, name).needs_whole_tensor:
                 raise ValueError(
                     f"{type(self).__name__}: parameter {name} is sharded over ranks (placements {p.placements}), "
                     f"but the {self.rule.name} update needs the whole matrix and does not gather a sharded one: "
@@ -200,13 +199,15 @@ class Optimizer(torch.optim.Optimizer):
 
     def __getstate__(self) -> dict[str, Any]:
         return {**super().__getstate__(), "execution": self.execution, "placement": self.placement,
-                "_compiled": self._compiled, "_pager": self._pager}
+                "_compiled": self._compiled, "_placement": self._placement}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("execution", "auto")
         self.__dict__.setdefault("placement", "device")
-        self.__dict__.setdefault("_pager", None)
+        old = self.__dict__.pop("_pager", None)  # pickles before placements were objects: None meant "device"
+        if "_placement" not in self.__dict__:
+            self.__dict__["_placement"] = old if old is not None else build_placement(self.placement)
         self.__dict__["_configs"] = {}  # keyed by id(param): never carried over
         self.__dict__["_interned"] = {}
         self.__dict__["_modes"] = {}
@@ -273,8 +274,8 @@ class Optimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self._pager is not None:  # every group's new states placed before any update: a full disk changes nothing
-            self._pager.prepare(self.state, ((p, functools.partial(self._new_state, p, name, group))
+        # every group's new states placed before any update (paged: a full disk changes nothing)
+        self._placement.prepare(self.state, ((p, functools.partial(self._new_state, p, name, group))
                                              for group in self.param_groups for name, p in self._named(group)
                                              if p.grad is not None))
         for index, group in enumerate(self.param_groups):
@@ -291,8 +292,7 @@ class Optimizer(torch.optim.Optimizer):
                 state = self.state[p]
                 if not state:
                     state.update(self._new_state(p, name, group))
-                    if self._pager is not None:  # paged placement: decide where the new state lives
-                        self._pager.place(p, state)
+                    self._placement.place(p, state)  # decide where the new state lives
                 local, grad = _local(p), _local(p.grad)
                 rule = self.rule if self.rule.other is None else self._rule_for(p, name)
                 if rule not in settings:
@@ -307,18 +307,15 @@ class Optimizer(torch.optim.Optimizer):
                     # the plan checks every tensor before the kernel gets it
                     items.append(StepItem(local, grad.contiguous(), state, None))
                 else:
-                    items.append(working_item(local, grad, state, config.block))
+                    items.append(working_item(local, grad, state, state_layout(config)))
                 owners.append(p)
             for (_, device), (config, mode, items, owners) in buckets.items():
                 scalars = settings[config.rule][0]
-                hp = _as_tensors(scalars, self._hp.setdefault((index, device, config.rule.name), {}), device)
-                if self._pager is None:
-                    EXECUTOR.run(mode, config, items, hp)
-                else:  # paged placement: each paged state fetched to the device around its update
-                    run = lambda chunk, c=config, hp=hp, m=mode: EXECUTOR.run(m, c, chunk, hp)  # noqa: E731
-                    self._pager.run(owners, items, run, self.state)
-        if self._pager is not None:
-            self._pager.end_step()
+                hp = as_tensors(scalars, self._hp.setdefault((index, device, config.rule.name), {}), device)
+                # the placement runs the update (paged: each paged state fetched to the device around it)
+                run = lambda chunk, c=config, hp=hp, m=mode: EXECUTOR.run(m, c, chunk, hp)  # noqa: E731
+                self._placement.run(owners, items, run, self.state, functools.partial(with_state, state_layout(config)))
+        self._placement.end_step()
         return loss
 
     def _mode(self, config: StepConfig, device: torch.device) -> str:
@@ -370,7 +367,7 @@ class Optimizer(torch.optim.Optimizer):
     def paging_stats(self) -> dict[str, float]:
         """Paged placement telemetry (``{}`` when not paged): bytes resident / paged, bytes
         moved, stall seconds and major page faults in the last step, and totals."""
-        return {} if self._pager is None else self._pager.stats()
+        return self._placement.stats()
 
     def precision_report(self) -> Any:
         """Every parameter with its state precision and state bytes (``hf_optim.state.report``)."""
@@ -381,43 +378,11 @@ class Optimizer(torch.optim.Optimizer):
     # --- state dict -------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        sd = super().state_dict()
-        for group, saved in zip(self.param_groups, sd["param_groups"]):
-            saved[_FORMAT_KEY] = FORMAT_VERSION
-            for (name, p), pid in zip(self._named(group), saved["params"]):
-                if pid in sd["state"] and _is_sharded(p):
-                    sd["state"][pid] = self._global_state(p, name, group)
-        if self._pager is not None:  # paged tensors copied out into plain CPU tensors
-            sd = self._pager.export(sd)
-        return sd
-
-    def _global_state(self, p: Tensor, name: str, group: Mapping[str, Any]) -> dict[str, Tensor]:
-        """A sharded (FSDP2) parameter's state as DTensors shaped like the parameter.
-
-        torch.distributed.checkpoint saves plain tensors once (as replicated) but
-        DTensors per shard, so each buffer goes out as its fp32 value sharded like
-        the parameter; 8-bit codes are decoded (their blocks follow the local
-        shard, not the global tensor) and re-encoded on load by the cross-storage
-        conversion.
-        """
-        from torch.distributed.tensor import DTensor
-
-        state, local = self.state[p], _local(p)
-
-        def shard(t: Tensor) -> Tensor:
-            return DTensor.from_local(
-                t.reshape(local.shape), p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride()
-            )
-
-        out: dict[str, Tensor] = {"step": state["step"]}
-        for buffer, codec in self._layout(p, name, group):
-            out[buffer.name] = shard(codec.decode(flat_state(state), buffer, local.numel()))
-        if KAHAN_KEY in state:
-            out[KAHAN_KEY] = shard(state[KAHAN_KEY])
-        return out
+        """torch's state dict, plus a format version per group; plain tensors only (``hf_optim.checkpoint``)."""
+        return checkpoint.state_dict(self, super().state_dict())
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Load a state dict, converting storage where it differs; all or nothing.
+        """Load a state dict, converting storage where it differs; all or nothing (``hf_optim.checkpoint``).
 
         Runs torch's hooks (``register_load_state_dict_pre_hook``: may replace the dict;
         ``register_load_state_dict_post_hook``: after loading). Validates group and
@@ -429,176 +394,17 @@ class Optimizer(torch.optim.Optimizer):
         torch.optim's) is decoded and re-encoded into this one's. On any error the
         optimizer is left exactly as it was.
         """
-        state_dict = dict(state_dict) if isinstance(state_dict, Mapping) else state_dict
-        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
-            result = pre_hook(self, state_dict)
-            if result is not None:
-                state_dict = result
-        if not isinstance(state_dict, Mapping) or not isinstance(state_dict.get("param_groups"), list) or \
-                not isinstance(state_dict.get("state"), Mapping):
-            raise ValueError("loaded state dict must be a mapping with 'state' (a dict) and 'param_groups' (a list)")
-        saved_groups = state_dict["param_groups"]
-        state_dict = {**state_dict, "state": {k: _to_local(v) for k, v in state_dict["state"].items()}}
-        if len(saved_groups) != len(self.param_groups):
-            raise ValueError(
-                f"loaded state dict has {len(saved_groups)} parameter groups, "
-                f"this optimizer has {len(self.param_groups)}"
-            )
-        new_groups, new_state = [], {}
-        with self._pager.transaction() if self._pager is not None else contextlib.nullcontext():
-            self._convert_all(state_dict, saved_groups, new_groups, new_state)
-        # nothing above touched self: commit only now that everything converted
-        self.param_groups = new_groups
-        self.state = defaultdict(dict, new_state)
-        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
-            post_hook(self)
-
-    def _convert_all(self, state_dict: Mapping[str, Any], saved_groups: list, new_groups: list,
-                     new_state: dict) -> None:
-        for index, (group, saved_group) in enumerate(zip(self.param_groups, saved_groups, strict=True)):
-            if not isinstance(saved_group, Mapping) or not isinstance(saved_group.get("params"), list | tuple):
-                raise ValueError(f"loaded state dict: parameter group {index} is not a dict with a 'params' list")
-            if len(group["params"]) != len(saved_group["params"]):
-                raise ValueError(
-                    f"loaded state dict contains a parameter group {index} of {len(saved_group['params'])} "
-                    f"parameters that doesn't match the size of optimizer's group ({len(group['params'])})"
-                )
-            merged = {k: v for k, v in saved_group.items() if k not in ("params", _FORMAT_KEY)}
-            for key, value in {**self.rule.defaults, **ENGINE_DEFAULTS}.items():
-                merged.setdefault(key, value)  # a torch.optim or older checkpoint lacks our options
-            for key in STORAGE_OPTIONS:  # storage is this optimizer's choice: saved state converts to it
-                merged[key] = group[key]
-            merged["params"] = group["params"]
-            if "param_names" in group:
-                merged["param_names"] = group["param_names"]
-            self._validate_group(merged)
-            new_groups.append(merged)
-            for (name, p), saved_id in zip(self._named(merged), saved_group["params"], strict=True):
-                saved = state_dict["state"].get(saved_id)
-                if saved:
-                    if not isinstance(saved, Mapping):
-                        raise ValueError(f"loaded state for {name} is a {type(saved).__name__}, not a dict")
-                    new_state[p] = self._convert(p, name, merged, saved)
-                    if self._pager is not None:  # off the device now, not after all are converted
-                        self._pager.place(p, new_state[p])
-
-    def _convert(self, p: Tensor, name: str, group: Mapping[str, Any], saved: Mapping[str, Any]) -> dict[str, Tensor]:
-        """One parameter's saved state in this optimizer's layout: every tensor checked, then copied
-        into freshly allocated storage (so dtype, strides and device are always this layout's)."""
-        local = _local(p)
-        state = self._new_state(p, name, group)
-        state["step"] = loaded_step(name, saved.get("step"), local.device)
-        for buffer, codec in self._layout(p, name, group):
-            saved_codec = codec if codec.holds(saved, buffer) else _find_codec(saved, buffer)
-            if saved_codec is None:
-                raise ValueError(
-                    f"loaded state for {name} lacks buffer {buffer.name!r} "
-                    f"(has: {', '.join(sorted(map(str, saved)))})"
-                )
-            target = state if saved_codec is codec else saved_codec.allocate(buffer, local)
-            for key in saved_codec.keys(buffer):
-                copy_checked(name, key, saved[key], target[key])
-            if saved_codec is not codec:
-                value = saved_codec.decode(flat_state(target), buffer, local.numel())
-                codec.encode(value.to(compute_dtype(local.dtype)).clone(), flat_state(state), buffer)
-        if KAHAN_KEY in state and KAHAN_KEY in saved:
-            copy_checked(name, KAHAN_KEY, saved[KAHAN_KEY], state[KAHAN_KEY])
-        return state
+        checkpoint.load_state_dict(self, state_dict)
 
 
 def constructor_options() -> dict[str, Any]:
-    """The options ``Optimizer.__init__`` takes besides hyperparameters (execution, placement, ...), with defaults."""
+    """The options ``Optimizer.__init__`` takes besides hyperparameters (execution, placement and the registered
+    placements' options), with defaults."""
     import inspect
 
     parameters = inspect.signature(Optimizer.__init__).parameters.values()
-    return {p.name: p.default for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY}
-
-
-def _find_codec(saved: Mapping[str, Any], buffer: Buffer) -> StateCodec | None:
-    return next((c for c in CODECS.values() if c.holds(saved, buffer)), None)
-
-
-def _local(t: Tensor) -> Tensor:
-    """The local shard of a DTensor (FSDP2), the tensor itself otherwise."""
-    to_local = getattr(t, "to_local", None)
-    return to_local() if to_local is not None else t
-
-
-def _is_sharded(t: Tensor) -> bool:
-    return any(placement.is_shard() for placement in getattr(t, "placements", ()))
-
-
-def _split_over_ranks(t: Tensor) -> bool:
-    """Whether a DTensor's local shard is less than the whole (sharded on a mesh dimension of 2+ ranks)."""
-    mesh = getattr(t, "device_mesh", None)
-    return mesh is not None and any(placement.is_shard() and mesh.size(dim) > 1
-                                    for dim, placement in enumerate(t.placements))
-
-
-def _to_local(param_state: Mapping[str, Any]) -> dict[str, Any]:
-    """A loaded per-parameter state with DTensors (from DCP) turned into local shards."""
-    return {k: _local(v) if isinstance(v, Tensor) else v for k, v in param_state.items()}
-
-
-class _ShardedNorm:
-    """The L2 norm of a whole DTensor parameter from its local shard (FSDP2).
-
-    Rules call ``norm(t)`` on the local shard's 1-D view; this all-reduces the
-    shard's sum of squares over the mesh dimensions the parameter is sharded
-    on, so LAMB/LARS trust ratios use global norms. Hashable by its process
-    groups, so parameters on one mesh share one step configuration.
-    """
-
-    def __init__(self, groups: tuple[Any, ...]) -> None:
-        self.groups = groups
-
-    def __call__(self, t: Tensor) -> Tensor:
-        from torch.distributed import _functional_collectives as funcol
-
-        squares = t.float().square().sum()
-        for group in self.groups:
-            squares = funcol.all_reduce(squares, "sum", group)
-        return squares.sqrt()
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, _ShardedNorm) and self.groups == other.groups
-
-    def __hash__(self) -> int:
-        return hash(self.groups)
-
-
-def _norm_for(p: Tensor) -> Any:
-    """``local_norm``, or a ``_ShardedNorm`` for a DTensor sharded over some mesh dimension."""
-    mesh, placements = getattr(p, "device_mesh", None), getattr(p, "placements", ())
-    dims = [dim for dim, placement in enumerate(placements) if placement.is_shard()]
-    if mesh is None or not dims or mesh.size() == 1:
-        return local_norm
-    return _ShardedNorm(tuple(mesh.get_group(dim) for dim in dims))
-
-
-def _as_tensors(scalars: Mapping[str, Any], kept: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
-    """The hyperparameters as float64 0-d tensors: the scalar math runs in float64 and is rounded once
-    (fp32 on Apple's MPS, which has no float64).
-
-    The tensors are ``kept`` between steps and refilled in place (``fill_`` with a host number is a kernel
-    argument): on CUDA a step then makes no host-to-device copy, and so no host sync, per hyperparameter. A
-    tensor hyperparameter already on ``device`` in the right dtype (a schedule's) is used as it is.
-    """
-    dtype = torch.float32 if device.type == "mps" else torch.float64
-    out = {}
-    for key, value in scalars.items():
-        if isinstance(value, Tensor) and value.device == device and value.dtype == dtype and value.dim() == 0:
-            out[key] = value
-            continue
-        held = kept.get(key)
-        if held is None:
-            held = kept[key] = torch.zeros((), dtype=dtype, device=device)
-        if isinstance(value, Tensor) and value.device.type != "cpu":
-            held.copy_(value.reshape(()))  # device to device: no host sync
-        else:
-            held.fill_(value.item() if isinstance(value, Tensor) else value)
-        out[key] = held
-    return out
+    named = {p.name: p.default for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    return {**named, **option_defaults()}  # and every registered placement's options
 
 
 def unwrap(optimizer: Any) -> Any:

@@ -20,7 +20,6 @@ is the step plan's (``hf_optim.plan``).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -29,6 +28,7 @@ from torch import Tensor
 
 from .rules.base import NO_PARAM_INFO, Buffer, NormFn, ParamInfo, UpdateRule
 from .state.base import StateCodec
+from .state.layouts import ELEMENT, StateLayout, flat_state  # noqa: F401 (flat_state: re-exported)
 
 StepFn = Callable[[Tensor, Tensor, dict[str, Tensor], dict[str, Tensor]], None]
 
@@ -115,42 +115,67 @@ class StepConfig(NamedTuple):
 
     @property
     def block(self) -> int | None:
-        """The block of a block-wise codec among the buffers', if any (see ``working_state``)."""
-        return next((codec.block for _, codec in self.codecs if codec.block), None)
+        """The block of the (rows, block) working layout, if any (``state_layout``)."""
+        return state_layout(self).block
 
 
-def working_layout(p: Tensor, block: int | None) -> tuple[int, ...]:
-    """The shape a parameter is stepped in: (rows, block) when a block-wise codec's
-    blocks tile it exactly, else 1-D. Either way one compiled graph serves every size."""
-    numel = p.numel()
-    if block and numel >= block and numel % block == 0:
-        return (numel // block, block)
-    return (numel,)
+#: id(config) -> (config, its state layout): by id, as a StepConfig hashes its nested tuples on every lookup
+#: (the engine asks once per parameter per step); the config is kept so its id stays its own
+_STATE_LAYOUTS: dict[int, tuple[StepConfig, StateLayout]] = {}
 
 
-def working_state(state: Mapping[str, Tensor], shape: tuple[int, ...]) -> dict[str, Tensor]:
-    """Views of a parameter's state in its working layout, as codecs receive them.
+def state_layout(config: StepConfig) -> StateLayout:
+    """The declared layout of every tensor in ``config``'s state dicts: its codecs' and the Kahan buffer."""
+    cached = _STATE_LAYOUTS.get(id(config))
+    if cached is None or cached[0] is not config:
+        cached = _STATE_LAYOUTS[id(config)] = (config, StateLayout.of(config.codecs, {KAHAN_KEY: ELEMENT}))
+    return cached[1]
 
-    The 0-d step stays; a buffer's elements take the parameter's working shape;
-    one-per-block tensors (block scales) become (rows, 1) in the (rows, block) layout.
+
+def working_layout(p: Tensor, layout: StateLayout) -> tuple[int, ...]:
+    """The shape a parameter is stepped in: (rows, block) when its state's block tiles it exactly,
+    else 1-D (``StateLayout.working_shape``). Either way one compiled graph serves every size."""
+    return layout.working_shape(p.numel())
+
+
+def working_state(state: Mapping[str, Tensor], shape: tuple[int, ...], layout: StateLayout) -> dict[str, Tensor]:
+    """Views of a parameter's state in its working layout, as codecs receive them: each tensor
+    shaped by its declared layout (``hf_optim.state.layouts``); the 0-d step stays."""
+    return layout.working(state, shape)
+
+
+def with_state(layout: StateLayout, item: StepItem, state: Mapping[str, Tensor]) -> StepItem:
+    """``item`` stepping ``state`` (e.g. a placement's device copy) instead: in the working layout for a
+    working item, as it is (flat) for a raw one (the native kernel's, parameter-shaped)."""
+    shape = tuple(item.p.shape)
+    if shape != layout.working_shape(item.p.numel()):
+        return item._replace(state=dict(state))
+    return item._replace(state=layout.working(state, shape))
+
+
+def as_tensors(scalars: Mapping[str, Any], kept: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
+    """The hyperparameters as float64 0-d tensors: the scalar math runs in float64 and is rounded once
+    (fp32 on Apple's MPS, which has no float64).
+
+    The tensors are ``kept`` between steps and refilled in place (``fill_`` with a host number is a kernel
+    argument): on CUDA a step then makes no host-to-device copy, and so no host sync, per hyperparameter. A
+    tensor hyperparameter already on ``device`` in the right dtype (a schedule's) is used as it is.
     """
-    numel = math.prod(shape)
+    dtype = torch.float32 if device.type == "mps" else torch.float64
     out = {}
-    for key, value in state.items():
-        if key == "step":
+    for key, value in scalars.items():
+        if isinstance(value, Tensor) and value.device == device and value.dtype == dtype and value.dim() == 0:
             out[key] = value
-        elif value.numel() == numel:
-            out[key] = value if value.shape == shape else value.view(shape)
-        elif len(shape) == 2 and value.numel() == shape[0]:
-            out[key] = value.view(shape[0], 1)
+            continue
+        held = kept.get(key)
+        if held is None:
+            held = kept[key] = torch.zeros((), dtype=dtype, device=device)
+        if isinstance(value, Tensor) and value.device.type != "cpu":
+            held.copy_(value.reshape(()))  # device to device: no host sync
         else:
-            out[key] = value if value.dim() == 1 else value.view(-1)
+            held.fill_(value.item() if isinstance(value, Tensor) else value)
+        out[key] = held
     return out
-
-
-def flat_state(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """1-D views of every state tensor but the 0-d step (codecs' layout for whole-tensor work)."""
-    return {k: v if v.dim() == 1 or k == "step" else v.view(-1) for k, v in state.items()}
 
 
 #: rows (of a block-wise codec's 256) per compiled call when an elementwise rule steps a
@@ -159,18 +184,18 @@ def flat_state(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
 CHUNK_ROWS = 2048
 
 
-def row_chunks(item: StepItem) -> list[StepItem]:
+def row_chunks(item: StepItem, layout: StateLayout) -> list[StepItem]:
     """Split a (rows, block) working item into row chunks stepped as separate items
     (they share the step counter, which the plan advances before any runs). Chunks are views of the
-    item's working tensors, so the plan's write-back of the whole item follows them."""
+    item's working tensors (every declared layout has rows first there), so the plan's write-back of
+    the whole item follows them."""
     total = item.p.shape[0]
     if item.p.dim() != 2 or total <= CHUNK_ROWS:
         return [item]
     chunks = []
     for start in range(0, total, CHUNK_ROWS):
         rows = slice(start, start + CHUNK_ROWS)
-        state = {key: value if key == "step" else value[rows] for key, value in item.state.items()}
-        chunks.append(StepItem(item.p[rows], item.g[rows], state, None))
+        chunks.append(StepItem(item.p[rows], item.g[rows], layout.rows(item.state, rows), None))
     return chunks
 
 
@@ -186,14 +211,14 @@ class StepItem(NamedTuple):
 
 
 
-def working_item(p: Tensor, g: Tensor, state: Mapping[str, Tensor], block: int | None) -> StepItem:
+def working_item(p: Tensor, g: Tensor, state: Mapping[str, Tensor], layout: StateLayout) -> StepItem:
     """A parameter, its gradient and its state in the working layout the step takes.
 
     1-D, or (rows, block) for block-wise state (``working_layout``). A non-contiguous
     parameter is stepped as a contiguous copy, which the plan writes back.
     """
-    shape = working_layout(p, block)
+    shape = layout.working_shape(p.numel())
     p, g = p.detach(), g.detach()  # plain tensors: dynamo refuses row views of views of autograd leaves
     if p.is_contiguous():
-        return StepItem(p.view(shape), g.reshape(shape), working_state(state, shape), None)
-    return StepItem(p.reshape(shape).clone(), g.reshape(shape), working_state(state, shape), p)
+        return StepItem(p.view(shape), g.reshape(shape), layout.working(state, shape), None)
+    return StepItem(p.reshape(shape).clone(), g.reshape(shape), layout.working(state, shape), p)

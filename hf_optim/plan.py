@@ -49,10 +49,12 @@ from .execution import (
     make_step,
     row_chunks,
     scalar_coefficients,
+    state_layout,
     working_item,
     working_layout,
 )
 from .kernels import native, triton_step
+from .state.layouts import StateLayout
 from .util.user_warnings import warn_user
 
 #: how a bucket is stepped (``Optimizer(execution=...)`` picks one per configuration, or "auto")
@@ -260,7 +262,8 @@ def _native_layout(config: StepConfig) -> tuple[list[int] | None, list[str]]:
 def _chunked(config: StepConfig, items: list[StepItem]) -> list[StepItem]:
     if not config.rule.elementwise:
         return items
-    return [chunk for item in items for chunk in row_chunks(item)]
+    layout = state_layout(config)
+    return [chunk for item in items for chunk in row_chunks(item, layout)]
 
 
 class Executor:
@@ -281,7 +284,7 @@ class Executor:
         if taken:
             backend.run(config, taken, hp)
         if rest:  # raw items (built for the kernel) take the working layout first
-            self.eager.run(config, [_as_working(item, config.block) for item in rest], hp)
+            self.eager.run(config, [_as_working(item, state_layout(config)) for item in rest], hp)
         for item in items:
             if item.writeback is not None:
                 item.writeback.copy_(item.p.view_as(item.writeback))
@@ -291,16 +294,16 @@ class Executor:
         return self.backends["compiled"]._compile_failed  # type: ignore[attr-defined]
 
 
-def _as_working(item: StepItem, block: int | None) -> StepItem:
+def _as_working(item: StepItem, layout: StateLayout) -> StepItem:
     """A raw item (the kernel's: parameter-shaped, the state dict itself) in the eager step's working layout.
     A state tensor the kernel refused for its strides is made contiguous in place in the state dict (the
     same values): the working layout is views of it."""
-    if tuple(item.p.shape) == working_layout(item.p, block):
+    if tuple(item.p.shape) == working_layout(item.p, layout):
         return item
     for key, value in item.state.items():
         if not value.is_contiguous():
             item.state[key] = value.contiguous()
-    return working_item(item.p, item.g, item.state, block)
+    return working_item(item.p, item.g, item.state, layout)
 
 
 def _split(backend: Backend, config: StepConfig, items: list[StepItem]) -> tuple[list[StepItem], list[StepItem]]:

@@ -136,11 +136,11 @@ class OptimizerSpec:
                 "pick another optimizer name instead of overriding it"
             )
         out = coerce_optim_args(kwargs, self.defaults, f"optimizer {self.name!r}", source)
-        if self.is_hf_optim:  # paged_* options: checked now, and only with the paged placement
-            from .state.placement import build_placement
+        if self.is_hf_optim:  # placement options: checked now, and only with the placement that takes them
+            from .state.placement import build_placement, placement_options
 
-            paged = {k: out[k] for k in ("paged_budget", "paged_dir") if k in out}
-            build_placement(out.get("placement", fixed.get("placement", "device")), **paged)
+            options = {k: out[k] for k in placement_options() if k in out}
+            build_placement(out.get("placement", fixed.get("placement", "device")), **options)
         return out
 
     def build(

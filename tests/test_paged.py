@@ -105,7 +105,7 @@ def test_names_route_to_the_paged_placement_and_optim_args_set_the_budget(tmp_pa
     spec = registry.get_spec("paged_adamw")
     kwargs = spec.check_kwargs({"paged_budget": "0", "paged_dir": str(tmp_path)})
     opt = spec.build([torch.zeros(3, requires_grad=True)], **kwargs)
-    assert opt.placement == "paged" and opt._pager.budget_spec == ("bytes", 0)
+    assert opt.placement == "paged" and opt._placement.budget_spec == ("bytes", 0)
     args = hf_optim.TrainingArguments(str(tmp_path / "out"), optim="paged_adamw", optim_args="paged_budget=25%")
     assert hf_optim.integrations.transformers.optimizer_kwargs(args)["paged_budget"] == "25%"
     with pytest.raises(ValueError, match="paged_budget"):

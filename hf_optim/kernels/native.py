@@ -152,7 +152,7 @@ def storage_code(buffer: Buffer, codec: StateCodec) -> int | None:
     """How ``cpu_step.c`` stores this buffer, or None if it cannot."""
     if isinstance(codec, DenseCodec) and codec.dtype == torch.float32:
         return _STORE_FP32
-    if isinstance(codec, BlockwiseCodec):
+    if isinstance(codec, BlockwiseCodec) and codec.block == BLOCK:  # cpu_step.c's blocks are BLOCK elements
         cmap = codec.code_map(buffer)
         if cmap.signed and cmap.power == 2:
             return _STORE_SIGNED_8BIT

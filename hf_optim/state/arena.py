@@ -29,13 +29,18 @@ import tempfile
 import threading
 import warnings
 import weakref
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor
 
 from ..util.pids import alive
+from ..util.user_warnings import warn_user
+from .budget import fs_type
 
 PAGE = mmap.PAGESIZE
+#: alignment of each tensor inside a range (a cache line; SIMD loads)
+_ALIGN = 64
 _PREFIX = "hf_optim_paged_"
 _STALE = re.compile(rf"{_PREFIX}(\d+)_")
 _PROT_RW = mmap.PROT_READ | mmap.PROT_WRITE
@@ -108,6 +113,7 @@ class SpillArena:
     def __init__(self, directory: str) -> None:
         self.directory = directory
         self._file: _File | None = None
+        self._warned_tmpfs = False
 
     def allocate(self, nbytes: int) -> Region:
         """A zero-filled mapped range of at least ``nbytes``; OSError (nothing changed) if there is no space."""
@@ -142,6 +148,30 @@ class SpillArena:
             else:
                 file.end = offset + size
         return Region(file, offset, size, address)
+
+    def map_tensors(self, tensors: Mapping[str, Tensor], fresh: bool) -> tuple[Region, dict[str, Tensor]]:
+        """One range holding a tensor like each of ``tensors`` (aligned): zeros (``fresh``: ``tensors`` may be
+        on the meta device) or copies, whose pages are then let go until they are next used."""
+        if not self._warned_tmpfs and fs_type(os.path.realpath(self.directory)) in ("tmpfs", "ramfs"):
+            self._warned_tmpfs = True
+            warn_user(
+                f"hf_optim: paged_dir {self.directory!r} is in memory ({fs_type(self.directory)}): "
+                "paged states will still use RAM; pass paged_dir= (or set TMPDIR to) a disk directory.",
+                RuntimeWarning,
+            )
+        offsets, size = [], 0
+        for t in tensors.values():
+            offsets.append(size)
+            size += -(-t.nbytes // _ALIGN) * _ALIGN
+        region = self.allocate(size)  # zero-filled: a fresh state needs no write at all
+        moved = {}
+        for (key, t), offset in zip(tensors.items(), offsets, strict=True):
+            moved[key] = region.tensor(offset, t.shape, t.dtype)
+            if not fresh:
+                moved[key].copy_(t)
+        if not fresh:
+            region.advise(MADV_DONTNEED)  # written: its pages may leave the process until the next update
+        return region, moved
 
     @property
     def file_descriptor(self) -> int | None:

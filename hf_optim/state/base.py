@@ -6,12 +6,15 @@ and the fp32 working value an update rule operates on. Codecs know nothing of
 any particular rule: they only see a buffer's name and its kind
 (``signed``/``unsigned``/``param``).
 
-Working values are 1-D, or (rows, ``block``) matrices for a block-wise codec
-when the size allows (``execution.working_state``). ``decode``/``encode``
-receive every stored tensor already in that layout (a buffer's elements 1-D or
-(rows, block); one-per-block tensors 1-D or (rows, 1)): views taken inside the
-compiled step keep inductor from parallelizing the loop, so codecs take none on
-input.
+Each codec declares the layout of every tensor it stores (``layouts``: per
+element, per block of its own block size, or packed; ``hf_optim.state.layouts``),
+and everything that reshapes or slices state reads that declaration. Working
+values are 1-D, or (rows, block) matrices when a codec's block tiles the
+parameter (``StateLayout.working_shape``). ``decode``/``encode`` receive every
+stored tensor already in that layout (element tensors 1-D or (rows, block),
+per-block ones 1-D or (rows, 1), packed ones 1-D or (rows, block / n)): views
+taken inside the compiled step keep inductor from parallelizing the loop, so
+codecs take none on input.
 """
 
 from __future__ import annotations
@@ -22,17 +25,22 @@ from typing import ClassVar
 from torch import Tensor
 
 from ..rules.base import Buffer
+from .layouts import TensorLayout
 
 
 class StateCodec:
     #: the name users pick it by (``state_precision="fp32"``)
     name: ClassVar[str]
-    #: elements per block for a block-wise codec: a parameter whose size is a multiple
-    #: of it is stepped as a (rows, block) matrix, so per-block reductions need no reshapes
-    block: ClassVar[int | None] = None
+    #: elements per block for a block-wise codec (an instance's own): a parameter whose size is a
+    #: multiple of it is stepped as a (rows, block) matrix, so per-block reductions need no reshapes
+    block: int | None = None
 
     def keys(self, buffer: Buffer) -> tuple[str, ...]:
         """State-dict keys this codec stores ``buffer`` under."""
+        return tuple(self.layouts(buffer))
+
+    def layouts(self, buffer: Buffer) -> dict[str, TensorLayout]:
+        """Each stored tensor's key and layout, in ``keys`` order (``hf_optim.state.layouts``)."""
         raise NotImplementedError
 
     def allocate(self, buffer: Buffer, like: Tensor) -> dict[str, Tensor]:

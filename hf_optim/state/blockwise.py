@@ -65,6 +65,7 @@ from torch import Tensor
 
 from ..rules.base import Buffer
 from .base import StateCodec
+from .layouts import ELEMENT, TensorLayout, per_block
 
 #: what a non-finite value does, for every storage and execution (README "Execution")
 NAN_INF_POLICY = (
@@ -73,7 +74,7 @@ NAN_INF_POLICY = (
     "stores it as 0, and each block's scale is the maximum of its finite elements, so every other element, of "
     "this block and of other parameters, steps exactly as if that element's state were 0."
 )
-#: elements per block (one fp32 scale each)
+#: elements per block (one fp32 scale each) of the default codec; a codec's own is ``codec.block``
 BLOCK = 256
 CODES_SUFFIX = ".codes"
 ABSMAX_SUFFIX = ".absmax"
@@ -157,12 +158,14 @@ def _unit_scale(top: Tensor) -> float:
 
 
 class BlockwiseCodec(StateCodec):
-    """8-bit storage: ``<buffer>.codes`` (int8/uint8) and ``<buffer>.absmax`` (fp32, one per block)."""
+    """8-bit storage: ``<buffer>.codes`` (int8/uint8, one per element) and ``<buffer>.absmax`` (fp32, one per
+    ``block`` elements)."""
 
-    block = BLOCK
-
-    def __init__(self, name: str = "8bit", signed_power: int = 2, unsigned_power: int = 4) -> None:
+    def __init__(self, name: str = "8bit", signed_power: int = 2, unsigned_power: int = 4, block: int = BLOCK) -> None:
+        if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+            raise ValueError(f"Invalid block: {block!r} (allowed: an int >= 1)")
         self.name = name  # type: ignore[misc]
+        self.block = block
         self.signed_map = CodeMap(True, signed_power)
         self.unsigned_map = CodeMap(False, unsigned_power)
 
@@ -172,9 +175,12 @@ class BlockwiseCodec(StateCodec):
     def keys(self, buffer: Buffer) -> tuple[str, ...]:
         return (buffer.name + CODES_SUFFIX, buffer.name + ABSMAX_SUFFIX)
 
+    def layouts(self, buffer: Buffer) -> dict[str, TensorLayout]:
+        return {buffer.name + CODES_SUFFIX: ELEMENT, buffer.name + ABSMAX_SUFFIX: per_block(self.block)}
+
     def allocate(self, buffer: Buffer, like: Tensor) -> dict[str, Tensor]:
         codes_key, absmax_key = self.keys(buffer)
-        blocks = math.ceil(like.numel() / BLOCK)
+        blocks = math.ceil(like.numel() / self.block)
         return {
             codes_key: torch.zeros(like.numel(), dtype=self.code_map(buffer).dtype, device=like.device),
             absmax_key: torch.zeros(blocks, dtype=torch.float32, device=like.device),
@@ -186,28 +192,29 @@ class BlockwiseCodec(StateCodec):
         cmap = self.code_map(buffer)
         q = codes.float()
         level = cmap.level(q.abs()) * q.sign() if cmap.signed else cmap.level(q)
-        if codes.dim() == 2:  # (rows, BLOCK) working layout, absmax (rows, 1): one broadcast, no reshapes
+        if codes.dim() == 2:  # (rows, block) working layout, absmax (rows, 1): one broadcast, no reshapes
             return level * absmax
-        # whole blocks as (blocks, BLOCK) times their scales, then the ragged tail by itself:
+        # whole blocks as (blocks, block) times their scales, then the ragged tail by itself:
         # zero-padding the tail instead made inductor emit scalar, modulo-indexed loops (15x
-        # slower), and an indexed load absmax[arange(numel) // BLOCK] lost the tail when fused
-        full = numel // BLOCK
-        out = (level[: full * BLOCK].view(full, BLOCK) * absmax[:full].view(full, 1)).view(-1)
-        if numel % BLOCK:
-            out = torch.cat([out, level[full * BLOCK :] * absmax[full]])
+        # slower), and an indexed load absmax[arange(numel) // block] lost the tail when fused
+        block = _static_block(self)
+        full = numel // block
+        out = (level[: full * block].view(full, block) * absmax[:full].view(full, 1)).view(-1)
+        if numel % block:
+            out = torch.cat([out, level[full * block :] * absmax[full]])
         return out
 
     def encode(self, value: Tensor, stored: MutableMapping[str, Tensor], buffer: Buffer) -> None:
         codes_key, absmax_key = self.keys(buffer)
         codes, absmax = stored[codes_key], stored[absmax_key]
-        if codes.dim() == 2:  # (rows, BLOCK) working layout
+        if codes.dim() == 2:  # (rows, block) working layout
             self._encode_part(value, codes, absmax, buffer)
             return
-        numel = value.numel()
-        full = numel // BLOCK
-        self._encode_part(value[: full * BLOCK].view(full, BLOCK), codes[: full * BLOCK], absmax[:full], buffer)
-        if numel % BLOCK:
-            self._encode_part(value[full * BLOCK :].view(1, -1), codes[full * BLOCK :], absmax[full:], buffer)
+        numel, block = value.numel(), _static_block(self)
+        full = numel // block
+        self._encode_part(value[: full * block].view(full, block), codes[: full * block], absmax[:full], buffer)
+        if numel % block:
+            self._encode_part(value[full * block :].view(1, -1), codes[full * block :], absmax[full:], buffer)
 
     def _encode_part(self, value: Tensor, codes: Tensor, absmax: Tensor, buffer: Buffer) -> None:
         """Quantize ``value`` (blocks, block size) into ``codes`` (flat) and ``absmax`` (blocks)."""
@@ -229,7 +236,7 @@ class BlockwiseCodec(StateCodec):
         absmax.copy_(block_max.view(absmax.shape))
 
     def nbytes(self, numel: int) -> int:
-        return numel + 4 * math.ceil(numel / BLOCK)
+        return numel + 4 * math.ceil(numel / self.block)
 
     def holds(self, stored: Mapping[str, Tensor], buffer: Buffer) -> bool:
         if "__bnb_optimizer_quant_state__" in stored or ("qmap1" in stored and "state1" in stored):
@@ -241,6 +248,16 @@ class BlockwiseCodec(StateCodec):
         codes_key, absmax_key = self.keys(buffer)
         codes = stored.get(codes_key)
         return codes is not None and absmax_key in stored and codes.dtype == self.code_map(buffer).dtype
+
+
+def _static_block(codec: BlockwiseCodec) -> int:
+    """``codec.block`` as a constant of the compiled graph where it is the default. The compiled step reaches
+    the codec through its closure, and under ``dynamic=True`` an int read from there becomes a symbol: a
+    (numel // block, block) view with a symbolic block then fails in inductor's lowering (the step falls
+    back to eager, with a warning). Comparing it with ``BLOCK`` makes dynamo guard on, and specialize to,
+    that value; other block sizes keep the symbol."""
+    block = codec.block
+    return BLOCK if block == BLOCK else block
 
 
 EIGHT_BIT = BlockwiseCodec()

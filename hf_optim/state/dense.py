@@ -9,6 +9,7 @@ from torch import Tensor
 
 from ..rules.base import Buffer
 from .base import StateCodec
+from .layouts import ELEMENT, TensorLayout
 
 
 class DenseCodec(StateCodec):
@@ -18,6 +19,9 @@ class DenseCodec(StateCodec):
 
     def keys(self, buffer: Buffer) -> tuple[str, ...]:
         return (buffer.name,)
+
+    def layouts(self, buffer: Buffer) -> dict[str, TensorLayout]:
+        return {buffer.name: ELEMENT}
 
     def allocate(self, buffer: Buffer, like: Tensor) -> dict[str, Tensor]:
         # param-shaped, as torch.optim stores them, so state dicts interoperate

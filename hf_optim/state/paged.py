@@ -6,12 +6,8 @@ paged optimizer keeps each parameter's state beside the parameter while a
 budget allows (then it costs nothing: no copy, no check beyond a dict
 lookup) and moves only the states over budget:
 
-- **CUDA**: states over the device budget live in pinned host memory. Before a
-  parameter's update its state is copied to the device on a side stream; the
-  next parameter's state is prefetched while this one updates (the order is
-  the previous step's); after the update it is written back asynchronously on
-  a second side stream. At most ``MAX_IN_FLIGHT`` write-backs are pending, so
-  device memory holds a few parameters' states, not all of them.
+- **CUDA**: states over the device budget live in pinned host memory, streamed
+  to the device around each update with prefetch (``hf_optim.state.paged_cuda``).
 - **CPU**: states over the RAM budget live in one file-backed spill file per
   optimizer in ``paged_dir`` (default ``tempfile.gettempdir()``;
   ``hf_optim.state.arena``): a new state is allocated there directly (never a
@@ -35,21 +31,15 @@ non-paged optimizers give bit-identical results; ``export`` copies paged
 tensors out into plain CPU tensors so a paged state dict equals a non-paged
 one and loads either way.
 
-Budget (``paged_budget``): bytes (a number > 1, or ``"2GiB"``), a fraction of
-the memory free when the first state is placed (``0.25`` or ``"25%"``), or
-``None``/``"auto"`` (= ``AUTO_FRACTION``). Free memory is ``MemAvailable`` on
-CPU and, on CUDA, the driver's free memory plus what torch's allocator holds
-unused. ``paged_budget=0`` pages everything.
+Options (``PagedPlacement.options``): ``paged_budget`` (``hf_optim.state.budget``;
+``paged_budget=0`` pages everything) and ``paged_dir``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import resource
 import tempfile
-import time
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -57,17 +47,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..execution import flat_state, working_state
-from ..util.user_warnings import warn_user
 from .arena import MADV_DONTNEED, MADV_POPULATE_WRITE, MADV_WILLNEED, Region, SpillArena, malloc_trim
-from .budget import AUTO_FRACTION, free_bytes, fs_type, parse_budget  # noqa: F401 (AUTO_FRACTION: API)
+from .budget import AUTO_FRACTION, free_bytes, parse_budget  # noqa: F401 (AUTO_FRACTION: API)
+from .layouts import flat_state
+from .paged_cuda import MAX_IN_FLIGHT, CudaStreams, pinned  # noqa: F401 (MAX_IN_FLIGHT: API)
+from .placement import Placement, register_placement
+from .traffic import Traffic
 
-#: pending device->host write-backs before the host waits (bounds device memory in use)
-MAX_IN_FLIGHT = 3
 #: CPU: paged state stepped by one call (then its pages leave the process): per-call costs (threads
 #: waking up, ~ms on a busy machine) are paid per batch, and resident memory stays bounded by it
 CPU_BATCH_BYTES = 16 * 2**20
-_ALIGN = 64
 
 
 @dataclass
@@ -94,22 +83,18 @@ class _Journal:
     replaced: list[tuple[dict[str, Tensor], str, Tensor]] = field(default_factory=list)
 
 
-@dataclass
-class _Stats:
-    moved_bytes: int = 0
-    stall_s: float = 0.0
-    faults: int = 0
-    totals: dict[str, float] = field(default_factory=lambda: {"moved_bytes": 0, "stall_s": 0.0, "steps": 0})
+class PagedPlacement(Placement):
+    """Decides where each parameter's state lives and moves it around the update (the ``Placement`` calls).
 
-
-class PagedPlacement:
-    """Decides where each parameter's state lives and moves it around the update.
-
-    The engine calls ``place`` once a parameter's state exists, ``fetch`` before
-    the update of a list of parameters (it returns the state dicts to update),
-    ``release`` after it, ``end_step`` after each optimizer step and ``export``
-    on a state dict before handing it out.
+    Options: ``paged_budget``: bytes of state kept beside the parameters (a number > 1 or ``"2GiB"``), a
+    fraction of the free memory (``0.5`` or ``"50%"``), or ``None``/``"auto"`` (half of what is free); the
+    rest is paged. ``paged_dir``: on CPU, the spill directory for file-backed state (default
+    ``tempfile.gettempdir()``).
     """
+
+    name = "paged"
+    options = {"paged_budget": None, "paged_dir": None}
+    hint = "use a paged_ optimizer name or placement='paged'"
 
     def __init__(self, paged_budget: Any = None, paged_dir: str | None = None) -> None:
         self.budget_spec = parse_budget(paged_budget)
@@ -123,11 +108,8 @@ class PagedPlacement:
         self._paged: dict[Tensor, _Paged] = {}
         self._order: list[Tensor] = []
         self._next: dict[Tensor, Tensor] = {}
-        self._streams: dict[torch.device, tuple[Any, Any]] = {}
-        self._in_flight: deque[Any] = deque()
-        self._stats = _Stats()
-        self._faults0 = _major_faults()
-        self._warned_tmpfs = False
+        self._stats = Traffic()
+        self._cuda = CudaStreams(self._stats)
         self._arena = SpillArena(spill)
         self._journal: _Journal | None = None
 
@@ -224,11 +206,9 @@ class PagedPlacement:
         if keys and self._used.get(device, 0) + nbytes > self.budget(device):
             entry = _Paged(state, keys, device, nbytes)
             if device.type == "cuda":
-                moved = {k: torch.zeros(state[k].shape, dtype=state[k].dtype, pin_memory=True) if fresh
-                         else torch.empty(state[k].shape, dtype=state[k].dtype, pin_memory=True).copy_(state[k])
-                         for k in keys}
+                moved = pinned(state, keys, fresh)
             elif device.type == "cpu":
-                entry.region, moved = self._map(state, keys, fresh)
+                entry.region, moved = self._arena.map_tensors({k: state[k] for k in keys}, fresh)
             else:
                 raise RuntimeError(f"placement='paged' supports CPU and CUDA parameters, not {device.type}")
             # the 0-d step (and any empty buffer) stays beside the parameter
@@ -255,29 +235,6 @@ class PagedPlacement:
             self._used[device] -= nbytes
         self._paged.pop(param, None)
 
-    def _map(self, state: dict[str, Tensor], keys: Sequence[str], fresh: bool) -> tuple[Region, dict[str, Tensor]]:
-        """One range of the spill file for ``state[keys]``: zeros (``fresh``) or a copy of the tensors."""
-        if not self._warned_tmpfs and fs_type(os.path.realpath(self.paged_dir)) in ("tmpfs", "ramfs"):
-            self._warned_tmpfs = True
-            warn_user(
-                f"hf_optim: paged_dir {self.paged_dir!r} is in memory ({fs_type(self.paged_dir)}): "
-                "paged states will still use RAM; pass paged_dir= (or set TMPDIR to) a disk directory.",
-                RuntimeWarning,
-            )
-        offsets, size = [], 0
-        for k in keys:
-            offsets.append(size)
-            size += -(-state[k].nbytes // _ALIGN) * _ALIGN
-        region = self._arena.allocate(size)  # zero-filled: a fresh state needs no write at all
-        moved = {}
-        for k, offset in zip(keys, offsets, strict=True):
-            moved[k] = region.tensor(offset, state[k].shape, state[k].dtype)
-            if not fresh:
-                moved[k].copy_(state[k])
-        if not fresh:
-            region.advise(MADV_DONTNEED)  # written: its pages may leave the process until the next update
-        return region, moved
-
     # --- around the update ----------------------------------------------------------
 
     def run(
@@ -286,19 +243,20 @@ class PagedPlacement:
         items: Sequence[Any],
         step: Callable[[list[Any]], None],
         states: Mapping[Tensor, dict[str, Tensor]],
+        with_state: Callable[[Any, Mapping[str, Tensor]], Any],
     ) -> None:
         """Run ``step`` over one bucket: resident parameters at once, paged ones in bounded batches.
 
-        ``items`` are the engine's step inputs (with a ``state`` field and
-        ``_replace``), one per parameter in ``params``; ``states`` is the
-        optimizer's state mapping. A paged parameter's item gets the state
-        ``fetch`` returns, and ``release`` follows its update.
+        ``items`` are the engine's step inputs, one per parameter in ``params``;
+        ``states`` is the optimizer's state mapping. A paged parameter's item is
+        rebuilt by ``with_state`` on the state ``fetch`` returns, and ``release``
+        follows its update.
         """
         items = list(items)
         for i, p in enumerate(params):
             if p not in self._paged and p not in self._resident:  # e.g. after a deepcopy: place, re-read
                 self.place(p, states[p])
-                items[i] = items[i]._replace(state=working_state(states[p], tuple(items[i].p.shape)))
+                items[i] = with_state(items[i], states[p])
         paged = [i for i, p in enumerate(params) if p in self._paged]
         if not paged:
             step(items)
@@ -313,8 +271,7 @@ class PagedPlacement:
             chosen_params = [params[i] for i in batch]
             chosen_states = [states[p] for p in chosen_params]
             working = self.fetch(chosen_params, chosen_states)
-            step([items[i]._replace(state=working_state(w, tuple(items[i].p.shape)))
-                  for i, w in zip(batch, working, strict=True)])
+            step([with_state(items[i], w) for i, w in zip(batch, working, strict=True)])
             self.release(chosen_params, chosen_states)
 
     def _batches(self, params: Sequence[Tensor], paged: Sequence[int]) -> list[list[int]]:
@@ -353,10 +310,7 @@ class PagedPlacement:
                 entry.region.advise(MADV_POPULATE_WRITE)
                 out.append(flat_state(state))  # updated in place in the mapping
             else:
-                if entry.pending is None:
-                    self._to_device(entry)
-                torch.cuda.current_stream(entry.device).wait_event(entry.ready)
-                out.append(flat_state({**state, **entry.pending}))
+                out.append(flat_state(self._cuda.fetch(entry)))
             nxt = self._paged.get(self._next.get(param))  # type: ignore[arg-type]
             if nxt is not None:
                 self._prefetch(nxt)
@@ -371,24 +325,8 @@ class PagedPlacement:
                 # so resident memory holds one parameter's state at a time
                 entry.region.advise(MADV_DONTNEED)
                 continue
-            if entry is None or entry.device.type != "cuda" or entry.pending is None:
-                continue
-            compute = torch.cuda.current_stream(entry.device)
-            _, d2h = self._side_streams(entry.device)
-            done = torch.cuda.Event()
-            done.record(compute)
-            d2h.wait_event(done)
-            with torch.cuda.stream(d2h):
-                for k in entry.keys:
-                    working = entry.pending[k]
-                    entry.state[k].copy_(working, non_blocking=True)
-                    working.record_stream(compute)
-                    working.record_stream(d2h)
-            entry.written = torch.cuda.Event()
-            entry.written.record(d2h)
-            entry.pending = entry.ready = None
-            self._in_flight.append(entry.written)
-            self._stats.moved_bytes += entry.nbytes
+            if entry is not None and entry.device.type == "cuda":
+                self._cuda.write_back(entry)
 
     def end_step(self) -> None:
         """Close one optimizer step: learn the order for prefetch, roll the statistics."""
@@ -397,40 +335,12 @@ class PagedPlacement:
             self._order = []
         if any(entry.region is not None for entry in self._paged.values()):
             malloc_trim()  # the step's temporaries go back to the OS, not into the heap's high-water mark
-        s = self._stats
-        faults = _major_faults()
-        s.faults, self._faults0 = faults - self._faults0, faults
-        s.totals["moved_bytes"] += s.moved_bytes
-        s.totals["stall_s"] += s.stall_s
-        s.totals["steps"] += 1
-        self._last = {"moved_bytes": s.moved_bytes, "stall_s": s.stall_s, "major_faults": s.faults}
-        s.moved_bytes, s.stall_s = 0, 0.0
-
-    def _side_streams(self, device: torch.device) -> tuple[Any, Any]:
-        if device not in self._streams:
-            self._streams[device] = (torch.cuda.Stream(device), torch.cuda.Stream(device))
-        return self._streams[device]
-
-    def _to_device(self, entry: _Paged) -> None:
-        while len(self._in_flight) >= MAX_IN_FLIGHT:  # bound the device copies alive at once
-            event = self._in_flight.popleft()
-            if not event.query():
-                t0 = time.perf_counter()
-                event.synchronize()
-                self._stats.stall_s += time.perf_counter() - t0
-        h2d, _ = self._side_streams(entry.device)
-        if entry.written is not None:  # the host copy must hold the last write-back
-            h2d.wait_event(entry.written)
-        with torch.cuda.stream(h2d):
-            entry.pending = {k: entry.state[k].to(entry.device, non_blocking=True) for k in entry.keys}
-        entry.ready = torch.cuda.Event()
-        entry.ready.record(h2d)
-        self._stats.moved_bytes += entry.nbytes
+        self._stats.close_step()
 
     def _prefetch(self, entry: _Paged) -> None:
         if entry.device.type == "cuda":
             if entry.pending is None:
-                self._to_device(entry)
+                self._cuda.to_device(entry)
         elif entry.region is not None:
             entry.region.advise(MADV_WILLNEED)
 
@@ -438,8 +348,7 @@ class PagedPlacement:
 
     def synchronize(self) -> None:
         """Wait for every pending write-back (host copies are then current)."""
-        while self._in_flight:
-            self._in_flight.popleft().synchronize()
+        self._cuda.synchronize()
 
     def export(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         """``state_dict`` with paged tensors copied out into plain CPU tensors."""
@@ -463,19 +372,12 @@ class PagedPlacement:
 
     def stats(self) -> dict[str, float]:
         """Telemetry: bytes resident/paged now, and bytes moved / stall of the last step and in total."""
-        last = getattr(self, "_last", {"moved_bytes": 0, "stall_s": 0.0, "major_faults": 0})
-        totals = self._stats.totals
         return {
             "resident_bytes": sum(n for _, n in self._resident.values()),
             "paged_bytes": sum(e.nbytes for e in self._paged.values()),
             "paged_params": len(self._paged),
             "budget_bytes": sum(self._budget.values()),
-            "moved_bytes": last["moved_bytes"],
-            "stall_s": last["stall_s"],
-            "major_faults": last["major_faults"],
-            "total_moved_bytes": totals["moved_bytes"],
-            "total_stall_s": totals["stall_s"],
-            "steps": totals["steps"],
+            **self._stats.report(),
         }
 
 
@@ -485,5 +387,4 @@ def _plain(t: Tensor) -> Tensor:
     return out
 
 
-def _major_faults() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_majflt
+register_placement(PagedPlacement)
