@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from .buckets import NativeBuckets
 from .execution import (
     KAHAN_KEY,
     StepConfig,
@@ -146,6 +147,7 @@ class Optimizer(torch.optim.Optimizer):
         self._compiled = execution == "auto" and total >= AUTO_COMPILE_MIN_NUMEL and compiler_available()
         self._modes: dict[tuple, str] = {}  # (id(config), device) -> how that bucket steps
         self._hp: dict[tuple, dict[str, Tensor]] = {}  # (group index, device) -> its 0-d hyperparameters
+        self._buckets = NativeBuckets()  # each group's native kernel calls, reused across steps
 
     # --- param groups -----------------------------------------------------------------
 
@@ -204,6 +206,7 @@ class Optimizer(torch.optim.Optimizer):
         self.__dict__["_interned"] = {}
         self.__dict__["_modes"] = {}
         self.__dict__["_hp"] = {}
+        self.__dict__["_buckets"] = NativeBuckets()
         self.__dict__.setdefault("_compiled", False)
         for group in self.param_groups:  # back-fill options added after a checkpoint was pickled
             for key, value in {**self.rule.defaults, **ENGINE_DEFAULTS}.items():
@@ -256,6 +259,9 @@ class Optimizer(torch.optim.Optimizer):
             # the group settings a step configuration depends on (with the parameter, its cache key)
             storage = (tuple(v) if isinstance(v, list) else v for v in (group.get(k) for k in STORAGE_OPTIONS))
             group_key = (*storage, group["kahan_sum"], tuple(flags.items()))
+            hyperparameters = functools.partial(_group_tensors, scalars, self._hp, index)
+            if self._pager is None and self._buckets.step(index, group, group_key, self.state, hyperparameters):
+                continue  # stepped from the kernel calls cached at an earlier step (hf_optim.buckets)
             # parameters that share a configuration and device run as one bucket:
             # (config, mode, step items, their parameters for the pager), keyed by id(config) and device
             buckets: dict[tuple, tuple[StepConfig, str, list[StepItem], list[Tensor]]] = {}
@@ -283,12 +289,14 @@ class Optimizer(torch.optim.Optimizer):
                     items.append(working_item(local, grad, state, config.block))
                 owners.append(p)
             for (_, device), (config, mode, items, owners) in buckets.items():
-                hp = _as_tensors(scalars, self._hp.setdefault((index, device), {}), device)
+                hp = hyperparameters(device)
                 if self._pager is None:
                     EXECUTOR.run(mode, config, items, hp)
                 else:  # paged placement: each paged state fetched to the device around its update
                     run = lambda chunk, c=config, hp=hp, m=mode: EXECUTOR.run(m, c, chunk, hp)  # noqa: E731
                     self._pager.run(owners, items, run, self.state)
+            if self._pager is None:  # all-native groups keep their kernel calls for the next step
+                self._buckets.remember(index, group, group_key, self.state, buckets.values())
         if self._pager is not None:
             self._pager.end_step()
         return loss
@@ -419,6 +427,7 @@ class Optimizer(torch.optim.Optimizer):
         # nothing above touched self: commit only now that everything converted
         self.param_groups = new_groups
         self.state = defaultdict(dict, new_state)
+        self._buckets.clear()  # (they would also fail their checks; this frees the replaced state now)
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
@@ -536,6 +545,12 @@ def _norm_for(p: Tensor) -> Any:
     if mesh is None or not dims or mesh.size() == 1:
         return local_norm
     return _ShardedNorm(tuple(mesh.get_group(dim) for dim in dims))
+
+
+def _group_tensors(scalars: Mapping[str, Any], kept: dict[tuple, dict[str, Tensor]], index: int,
+                   device: torch.device) -> dict[str, Tensor]:
+    """Group ``index``'s hyperparameters on ``device`` (``_as_tensors``, kept per group and device)."""
+    return _as_tensors(scalars, kept.setdefault((index, device), {}), device)
 
 
 def _as_tensors(scalars: Mapping[str, Any], kept: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
