@@ -12,8 +12,8 @@ a handful of C-level passes (``map`` over tensor methods) over the group, no Pyt
   gradients are new tensors every step under ``zero_grad(set_to_none=True)``, and ``p.data = ...`` moves a
   parameter: their addresses are read and written into the rows every step;
 - every parameter's state is the same dict holding the same tensors (identity), none changed in place since
-  (``_version``: in-place ops, ``set_``, ``resize_``, ``t_``), each at the same address with the same element
-  count and dtype (``t.data = ...`` changes neither identity nor version);
+  (``_version``: in-place ops, ``set_``, ``resize_``, ``t_``), each at the same address (``t.data = ...``
+  changes neither identity nor version) in the storage the rows were built on, which the cache holds;
 - the optimizer's ``state`` is the same mapping (``load_state_dict`` replaces it).
 
 Anything else (a changed option, a replaced or edited state tensor, a missing or strided gradient, paged
@@ -51,20 +51,23 @@ HyperparametersFor = Callable[[torch.device], dict[str, Tensor]]
 
 
 class _Held:
-    """Tensors a kernel call's rows point into, as they were when the rows were built."""
+    """Tensors a kernel call's rows point into, as they were when the rows were built.
+
+    Their storages are held too, so the memory the rows point into stays allocated whatever happens to the
+    tensors (``t.data = ...`` frees a storage that nothing else holds): no other tensor can be allocated at those
+    addresses, and a tensor still at its address is still in that storage. Identity, version and address then say
+    that the rows are the tensors' (the size and dtype were checked when the rows were built).
+    """
 
     def __init__(self, tensors: list[Tensor]) -> None:
         self.tensors = tensors
+        self.storages = list(map(Tensor.untyped_storage, tensors))
         self.versions = list(map(_VERSION, tensors))
         self.pointers = list(map(Tensor.data_ptr, tensors))
-        self.numels = list(map(Tensor.numel, tensors))
-        self.dtype = tensors[0].dtype
 
     def unchanged(self, current: list[Tensor]) -> bool:
         return (all(map(is_, current, self.tensors)) and list(map(_VERSION, current)) == self.versions
-                and list(map(Tensor.data_ptr, current)) == self.pointers
-                and list(map(Tensor.numel, current)) == self.numels
-                and all(map(is_, map(_DTYPE, current), repeat(self.dtype))))
+                and list(map(Tensor.data_ptr, current)) == self.pointers)
 
 
 def _dense(tensors: list[Tensor], dtype: torch.dtype, numels: list[int]) -> bool:
