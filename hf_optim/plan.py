@@ -15,6 +15,10 @@ the backend:
 4. items with a ``writeback`` target (a parameter stepped as a contiguous copy)
    are copied back, after any backend.
 
+A group whose every bucket ran natively on plain tensors skips all this on later steps: the engine steps it from
+the kernel calls ``hf_optim.buckets`` kept (the same kernel, coefficients and counter advance; checked every step
+with a few C-level passes over the group instead of Python per parameter), and comes back here when a check fails.
+
 A backend (the ``Backend`` protocol) is small on purpose, so new ones (a CUDA
 kernel, more native rules) plug in by registering in ``BACKENDS``:
 
