@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from . import checkpoint
+from .buckets import NativeBuckets
 from .execution import (
     KAHAN_KEY,
     StepConfig,
@@ -145,6 +146,7 @@ class Optimizer(torch.optim.Optimizer):
         self._compiled = execution == "auto" and total >= AUTO_COMPILE_MIN_NUMEL and compiler_available()
         self._modes: dict[tuple, str] = {}  # (id(config), device) -> how that bucket steps
         self._hp: dict[tuple, dict[str, Tensor]] = {}  # (group index, device) -> its 0-d hyperparameters
+        self._buckets = NativeBuckets()  # each group's native kernel calls, reused across steps
 
     # --- param groups -----------------------------------------------------------------
 
@@ -212,6 +214,7 @@ class Optimizer(torch.optim.Optimizer):
         self.__dict__["_interned"] = {}
         self.__dict__["_modes"] = {}
         self.__dict__["_hp"] = {}
+        self.__dict__["_buckets"] = NativeBuckets()
         self.__dict__.setdefault("_compiled", False)
         for group in self.param_groups:  # back-fill options added after a checkpoint was pickled
             for key, value in {**self.rule.defaults, **ENGINE_DEFAULTS}.items():
@@ -281,6 +284,11 @@ class Optimizer(torch.optim.Optimizer):
         for index, group in enumerate(self.param_groups):
             # per rule stepping this group (the optimizer's, and a companion's): scalars, flags, settings key
             settings = {self.rule: self._settings(self.rule, group)}
+            scalars, _, group_key = settings[self.rule]
+            hyperparameters = functools.partial(_group_tensors, scalars, self._hp, (index, self.rule.name))
+            if self._placement.reuses_kernel_calls and \
+                    self._buckets.step(index, group, group_key, self.state, hyperparameters):
+                continue  # stepped from the kernel calls cached at an earlier step (hf_optim.buckets)
             # parameters that share a configuration and device run as one bucket:
             # (config, mode, step items, their parameters for the pager), keyed by id(config) and device
             buckets: dict[tuple, tuple[StepConfig, str, list[StepItem], list[Tensor]]] = {}
@@ -311,10 +319,12 @@ class Optimizer(torch.optim.Optimizer):
                 owners.append(p)
             for (_, device), (config, mode, items, owners) in buckets.items():
                 scalars = settings[config.rule][0]
-                hp = as_tensors(scalars, self._hp.setdefault((index, device, config.rule.name), {}), device)
+                hp = _group_tensors(scalars, self._hp, (index, config.rule.name), device)
                 # the placement runs the update (paged: each paged state fetched to the device around it)
                 run = lambda chunk, c=config, hp=hp, m=mode: EXECUTOR.run(m, c, chunk, hp)  # noqa: E731
                 self._placement.run(owners, items, run, self.state, functools.partial(with_state, state_layout(config)))
+            if self._placement.reuses_kernel_calls:  # all-native groups keep their kernel calls for the next step
+                self._buckets.remember(index, group, group_key, self.state, buckets.values(), self.rule)
         self._placement.end_step()
         return loss
 
@@ -395,6 +405,7 @@ class Optimizer(torch.optim.Optimizer):
         optimizer is left exactly as it was.
         """
         checkpoint.load_state_dict(self, state_dict)
+        self._buckets.clear()  # (they would also fail their checks; this frees the replaced state now)
 
 
 def constructor_options() -> dict[str, Any]:
@@ -405,6 +416,12 @@ def constructor_options() -> dict[str, Any]:
     parameters = inspect.signature(Optimizer.__init__).parameters.values()
     named = {p.name: p.default for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY}
     return {**named, **option_defaults()}  # and every registered placement's options
+
+
+def _group_tensors(scalars: Mapping[str, Any], kept: dict[tuple, dict[str, Tensor]], key: tuple,
+                   device: torch.device) -> dict[str, Tensor]:
+    """One rule's hyperparameters of one group on ``device`` (``as_tensors``, kept per group, rule and device)."""
+    return as_tensors(scalars, kept.setdefault((*key, device), {}), device)
 
 
 def unwrap(optimizer: Any) -> Any:

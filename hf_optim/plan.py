@@ -15,6 +15,10 @@ the backend:
 4. items with a ``writeback`` target (a parameter stepped as a contiguous copy)
    are copied back, after any backend.
 
+A group whose every bucket ran natively on plain tensors skips all this on later steps: the engine steps it from
+the kernel calls ``hf_optim.buckets`` kept (the same kernel, coefficients and counter advance; checked every step
+with a few C-level passes over the group instead of Python per parameter), and comes back here when a check fails.
+
 A backend (the ``Backend`` protocol) is small on purpose, so new ones (a CUDA
 kernel, more native rules) plug in by registering in ``BACKENDS``:
 
@@ -174,7 +178,7 @@ class NativeBackend:
         self._checked: dict[int, tuple] = {}
 
     def accepts(self, config: StepConfig, item: StepItem) -> str | None:
-        storage, keys = _native_layout(config)
+        storage, keys = native_layout(config)
         if storage is None:
             return "the configuration has no native kernel"
         state = item.state
@@ -203,7 +207,7 @@ class NativeBackend:
     def run(self, config: StepConfig, items: list[StepItem], hp: dict[str, Tensor]) -> None:
         """One kernel call per distinct step count (usually one): the coefficients depend on it."""
         flags = dict(config.flags)
-        storage, keys = _native_layout(config)
+        storage, keys = native_layout(config)
         by_step: dict[float, list[StepItem]] = {}
         for item in items:
             by_step.setdefault(item.state["step"].item(), []).append(item)
@@ -248,7 +252,7 @@ class TritonBackend:
 _NATIVE_LAYOUTS: dict[int, tuple[StepConfig, list[int] | None, list[str]]] = {}
 
 
-def _native_layout(config: StepConfig) -> tuple[list[int] | None, list[str]]:
+def native_layout(config: StepConfig) -> tuple[list[int] | None, list[str]]:
     """The kernel's storage codes and the state keys in kernel order (None: no native storage)."""
     cached = _NATIVE_LAYOUTS.get(id(config))
     if cached is None or cached[0] is not config:

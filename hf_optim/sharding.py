@@ -58,6 +58,16 @@ class ShardedNorm:
             squares = funcol.all_reduce(squares, "sum", group)
         return squares.sqrt()
 
+    def batch(self, norms: Tensor) -> Tensor:
+        """The global norms of many parameters from their local shards' norms (any shape): one all-reduce of
+        all their squares, the sums ``__call__`` makes one parameter at a time (``kernels.layerwise``)."""
+        from torch.distributed import _functional_collectives as funcol
+
+        squares = norms.float().square().contiguous()
+        for group in self.groups:
+            squares = funcol.all_reduce(squares, "sum", group)
+        return squares.sqrt()
+
     def __eq__(self, other: object) -> bool:
         return isinstance(other, ShardedNorm) and self.groups == other.groups
 

@@ -29,7 +29,8 @@ from common import single_process_run  # noqa: E402
 pytestmark = pytest.mark.slow
 
 DDP_NAMES = ("adamw_8bit", "lamb")
-FSDP_NAMES = ("adamw", "adamw_8bit", "lamb")
+#: the native LAMB and LARS take their global norms from the sharded norm's batch (one all-reduce per bucket)
+FSDP_NAMES = ("adamw", "adamw_8bit", "lamb", "lamb@native", "lars@native")
 FSDP_STEPS = 6
 TIMEOUT = 400
 

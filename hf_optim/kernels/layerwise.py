@@ -3,8 +3,8 @@
 LAMB, LARS and StableAdamW need norms of whole parameters before any element
 can be updated. ``cpu_step.c``'s norm pass returns each parameter's two local
 sums of squares; here they become global norms through the rule's ``norm``
-(under FSDP2 a shard's norm all-reduces: one call per parameter; the plain
-local norm is one vectorized sqrt per bucket), and then the same scalar math the
+(under FSDP2 a shard's norm all-reduces: once per bucket for the engine's sharded
+norm, which takes a batch; the plain local norm is one vectorized sqrt per bucket), and then the same scalar math the
 rule's ``update`` does in torch, vectorized over the bucket's parameters. The
 update pass takes the result as per-parameter floats (``ic`` in ``cpu_step.c``).
 
@@ -27,12 +27,17 @@ ItemCoefficients = Callable[[Mapping[str, Tensor], Tensor | None, Tensor, NormFn
 
 
 def global_norms(squares: Tensor, norm: NormFn | None) -> Tensor:
-    """fp32 L2 norms from local sums of squares: sqrt, or the rule's ``norm`` of each local norm (a 1-element
-    tensor whose square is that sum: a sharded norm sums the squares over its shards, as it would the elements)."""
+    """fp32 L2 norms from local sums of squares (any shape): sqrt, or the rule's ``norm`` of each local norm (a
+    1-element tensor whose square is that sum: a sharded norm sums the squares over its shards, as it would the
+    elements). A norm with a ``batch`` method (the engine's sharded norm) takes all of them in one call: one
+    all-reduce per bucket instead of one per parameter, with the same sums."""
     local = squares.float().sqrt()
-    if norm is None:
+    if norm is None or not local.numel():
         return local
-    return torch.stack([norm(x.view(1)).reshape(()) for x in local]) if local.numel() else local
+    batch = getattr(norm, "batch", None)
+    if batch is not None:
+        return batch(local)
+    return torch.stack([norm(x.view(1)).reshape(()) for x in local.reshape(-1)]).view(local.shape)
 
 
 def _unused(sums: Tensor | None, numels: Tensor) -> Tensor:
@@ -43,7 +48,8 @@ def lamb(c: Mapping[str, Tensor], sums: Tensor | None, numels: Tensor, norm: Nor
     """scale = trust_ratio(||p||, ||r||) * lr (hf_optim/rules/lamb.py)."""
     if sums is None:
         return _unused(sums, numels)
-    scale = trust_ratio(global_norms(sums[:, 0], norm), global_norms(sums[:, 1], norm)) * c["lr"]
+    norms = global_norms(sums, norm)  # ||p||, ||r|| per parameter: one batch
+    scale = trust_ratio(norms[:, 0], norms[:, 1]) * c["lr"]
     return scale.view(-1, 1)
 
 
@@ -51,8 +57,9 @@ def lars(c: Mapping[str, Tensor], sums: Tensor | None, numels: Tensor, norm: Nor
     """trust = eta * ||p|| / (||g|| + wd * ||p||) (hf_optim/rules/lars.py)."""
     if sums is None:
         return _unused(sums, numels)
-    p_norm = global_norms(sums[:, 0], norm)
-    denominator = global_norms(sums[:, 1], norm) + c["weight_decay"] * p_norm
+    norms = global_norms(sums, norm)  # ||p||, ||g|| per parameter: one batch
+    p_norm = norms[:, 0]
+    denominator = norms[:, 1] + c["weight_decay"] * p_norm
     return trust_ratio(p_norm, denominator, c["trust_coefficient"]).view(-1, 1)
 
 
@@ -60,6 +67,7 @@ def stable_adamw(c: Mapping[str, Tensor], sums: Tensor | None, numels: Tensor, n
     """lr_t = lr / max(1, rms), rms = ||x|| / ||ones|| (global_mean_sqrt), and the decay 1 - lr_t * wd
     (hf_optim/rules/stable_adamw.py)."""
     assert sums is not None
-    rms = global_norms(sums[:, 0], norm) / global_norms(numels, norm)
+    norms = global_norms(torch.stack([sums[:, 0], numels], dim=1), norm)  # ||x||, ||ones||: one batch
+    rms = norms[:, 0] / norms[:, 1]
     lr = c["lr"] / rms.clamp(min=1.0)
     return torch.stack([lr, 1 - lr * c["weight_decay"]], dim=1)

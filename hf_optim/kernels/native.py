@@ -299,62 +299,110 @@ def step(
     rule's: an FSDP2 shard's all-reduces), None for the local norm. ``library``: the self-check's,
     before the process uses it.
     """
-    lib = _library() if library is None else library
-    if isinstance(lib, str):
-        raise RuntimeError(f"hf_optim native kernel unavailable: {lib}")
-    kernel = KERNELS[rule]
-    if len(storage) > _MAX_BUFFERS:
-        raise ValueError(f"cpu_step: at most {_MAX_BUFFERS} state buffers, got {len(storage)}")
-    per_item = sum(1 if code == _STORE_FP32 else 2 for code in storage)
-    if (len(states) != per_item * len(params) or len(grads) != len(params) or len(kahans) not in (0, len(params))
-            or len(counters) not in (0, len(params))):
-        raise ValueError("cpu_step: params, grads, states, kahans and counters do not line up")
-    if coefficients.dtype != torch.float32 or coefficients.numel() != len(kernel.coefficients):
-        raise ValueError(f"cpu_step: {rule} takes {len(kernel.coefficients)} fp32 coefficients "
-                         f"({', '.join(kernel.coefficients)}), got {coefficients.numel()} {coefficients.dtype}")
-    if any(p.dtype != params[0].dtype for p in params):
-        raise ValueError("cpu_step: one call takes parameters of one dtype")
-    # the kernel trusts every pointer and size: each tensor is checked here, so a bad one is an error, never a crash
-    for i, (p, g) in enumerate(zip(params, grads) if not checked else ()):
-        why = item_unsupported(
-            p, g, states[i * per_item : (i + 1) * per_item], kahans[i] if kahans else None,
-            counters[i] if counters else None, storage,
-        )
-        if why:
-            raise ValueError(f"cpu_step: parameter {i}: {why}")
-    numels = [p.numel() for p in params]
-    # cpu_step.c's item_t, one row per parameter: numel, param, grad, kahan, counter, state[MAX_BUFFERS],
-    # absmax[MAX_BUFFERS]; filled a column at a time (one pass over the tensors each: per-tensor Python is
-    # most of this call's cost for many small parameters)
-    none = [0] * len(params)
-    columns = [numels, _pointers(params), _pointers(grads), _pointers(kahans) or none, _pointers(counters) or none]
-    data, scales = [none] * _MAX_BUFFERS, [none] * _MAX_BUFFERS
-    k = 0
-    for i, code in enumerate(storage):
-        data[i] = _pointers(states[k::per_item])
-        if code != _STORE_FP32:
-            scales[i] = _pointers(states[k + 1 :: per_item])
-        k += 1 if code == _STORE_FP32 else 2
-    columns += data + scales
-    rows = array.array("q", bytes(8 * len(columns) * len(params)))
-    for j, column in enumerate(columns):
-        rows[j :: len(columns)] = array.array("q", column)
-    first_block = array.array("q", itertools.accumulate((-(-n // BLOCK) for n in numels), initial=0))
-    codes = (ctypes.c_int * max(len(storage), 1))(*storage)
-    c = coefficients.contiguous()
-    dtype = _PARAM_DTYPES[params[0].dtype] if params else 0
-    bucket = (kernel.index, rows.buffer_info()[0], len(params), first_block.buffer_info()[0], c.data_ptr())
-    layout = (len(storage), codes, dtype, flags, torch.get_num_threads())
-    if kernel.item_coefficients is None:
-        status = lib.hf_optim_step(*bucket, *layout)
-    else:
-        # the norm pass over the whole bucket, then the update pass: two parallel loops a step (per group of
-        # ~1M elements instead, to find the group in cache again, measured no faster, and every extra parallel
-        # region costs a barrier, which a busy machine stretches to milliseconds)
-        per_param = _item_coefficients(lib, kernel, bucket, layout, c, numels, flags, norm)
-        status = lib.hf_optim_step_items(*bucket, per_param.data_ptr(), per_param.shape[1], *layout)
-    if status:
-        raise RuntimeError(f"cpu_step: the kernel rejected rule {rule!r} with {len(storage)} buffers")
+    KernelCall(params, grads, states, kahans, rule, storage, flags, counters, norm, library, checked=checked).run(
+        coefficients)
+
+
+class KernelCall:
+    """One call into ``cpu_step.c`` with its item rows (the C ``item_t`` array), block offsets and layout built.
+
+    ``step`` builds one and runs it. The native bucket cache (``hf_optim.buckets``) keeps one across steps, since
+    building the rows is most of a small tensor's step: it rewrites only the parameter and gradient columns each
+    step (``refresh``), and must itself make sure every other tensor is still the one (same memory, same size)
+    that the rows point into: the kernel trusts every pointer.
+    """
+
+    def __init__(
+        self,
+        params: Sequence[Tensor],
+        grads: Sequence[Tensor],
+        states: Sequence[Tensor],
+        kahans: Sequence[Tensor],
+        rule: str,
+        storage: Sequence[int],
+        flags: int,
+        counters: Sequence[Tensor] = (),
+        norm: NormFn | None = None,
+        library: ctypes.CDLL | None = None,
+        *,
+        checked: bool = False,
+    ) -> None:
+        lib = _library() if library is None else library
+        if isinstance(lib, str):
+            raise RuntimeError(f"hf_optim native kernel unavailable: {lib}")
+        kernel = KERNELS[rule]
+        if len(storage) > _MAX_BUFFERS:
+            raise ValueError(f"cpu_step: at most {_MAX_BUFFERS} state buffers, got {len(storage)}")
+        per_item = sum(1 if code == _STORE_FP32 else 2 for code in storage)
+        if (len(states) != per_item * len(params) or len(grads) != len(params)
+                or len(kahans) not in (0, len(params)) or len(counters) not in (0, len(params))):
+            raise ValueError("cpu_step: params, grads, states, kahans and counters do not line up")
+        if any(p.dtype != params[0].dtype for p in params):
+            raise ValueError("cpu_step: one call takes parameters of one dtype")
+        # the kernel trusts every pointer and size: each tensor is checked here, so a bad one is an error, never a
+        # crash
+        for i, (p, g) in enumerate(zip(params, grads) if not checked else ()):
+            why = item_unsupported(
+                p, g, states[i * per_item : (i + 1) * per_item], kahans[i] if kahans else None,
+                counters[i] if counters else None, storage,
+            )
+            if why:
+                raise ValueError(f"cpu_step: parameter {i}: {why}")
+        self.rule, self.n_buffers = rule, len(storage)
+        self._lib, self._kernel, self._flags, self._norm = lib, kernel, flags, norm
+        self._numels = [p.numel() for p in params]
+        self._numels_tensor: Tensor | None = None  # the layer-wise rules' element counts, made once
+        # cpu_step.c's item_t, one row per parameter: numel, param, grad, kahan, counter, state[MAX_BUFFERS],
+        # absmax[MAX_BUFFERS]; filled a column at a time (one pass over the tensors each: per-tensor Python is
+        # most of this call's cost for many small parameters)
+        none = [0] * len(params)
+        columns = [self._numels, _pointers(params), _pointers(grads), _pointers(kahans) or none,
+                   _pointers(counters) or none]
+        data, scales = [none] * _MAX_BUFFERS, [none] * _MAX_BUFFERS
+        k = 0
+        for i, code in enumerate(storage):
+            data[i] = _pointers(states[k::per_item])
+            if code != _STORE_FP32:
+                scales[i] = _pointers(states[k + 1 :: per_item])
+            k += 1 if code == _STORE_FP32 else 2
+        columns += data + scales
+        self._width = len(columns)
+        self._rows = array.array("q", bytes(8 * self._width * len(params)))
+        for j, column in enumerate(columns):
+            self._rows[j :: self._width] = array.array("q", column)
+        self._first_block = array.array(
+            "q", itertools.accumulate((-(-n // BLOCK) for n in self._numels), initial=0))
+        self._codes = (ctypes.c_int * max(len(storage), 1))(*storage)
+        self._dtype = _PARAM_DTYPES[params[0].dtype] if params else 0
+
+    def refresh(self, param_pointers: array.array, grad_pointers: array.array) -> None:
+        """New addresses for the parameters and gradients (``array("q")``, one per row, in row order)."""
+        self._rows[1 :: self._width] = param_pointers
+        self._rows[2 :: self._width] = grad_pointers
+
+    def run(self, coefficients: Tensor) -> None:
+        """The step: ``coefficients`` are the rule's, fp32, in ``KERNELS[rule].coefficients`` order."""
+        kernel = self._kernel
+        if coefficients.dtype != torch.float32 or coefficients.numel() != len(kernel.coefficients):
+            raise ValueError(f"cpu_step: {self.rule} takes {len(kernel.coefficients)} fp32 coefficients "
+                             f"({', '.join(kernel.coefficients)}), got {coefficients.numel()} {coefficients.dtype}")
+        c = coefficients.contiguous()
+        bucket = (kernel.index, self._rows.buffer_info()[0], len(self._numels), self._first_block.buffer_info()[0],
+                  c.data_ptr())
+        layout = (self.n_buffers, self._codes, self._dtype, self._flags, torch.get_num_threads())
+        if kernel.item_coefficients is None:
+            status = self._lib.hf_optim_step(*bucket, *layout)
+        else:
+            # the norm pass over the whole bucket, then the update pass: two parallel loops a step (per group of
+            # ~1M elements instead, to find the group in cache again, measured no faster, and every extra
+            # parallel region costs a barrier, which a busy machine stretches to milliseconds)
+            if self._numels_tensor is None:
+                self._numels_tensor = torch.tensor(self._numels, dtype=torch.float64)
+            per_param = _item_coefficients(self._lib, kernel, bucket, layout, c, self._numels_tensor, self._flags,
+                                           self._norm)
+            status = self._lib.hf_optim_step_items(*bucket, per_param.data_ptr(), per_param.shape[1], *layout)
+        if status:
+            raise RuntimeError(f"cpu_step: the kernel rejected rule {self.rule!r} with {self.n_buffers} buffers")
 
 
 #: the dtype each storage code's tensors must have: element buffer, then block scales (8-bit only)
@@ -419,7 +467,7 @@ def dense_cpu(t: Tensor, dtype: torch.dtype, numel: int) -> bool:
 
 
 def _item_coefficients(lib: ctypes.CDLL, kernel: NativeKernel, bucket: tuple, layout: tuple, c: Tensor,
-                       numels: list[int], flags: int, norm: NormFn | None) -> Tensor:
+                       numels: Tensor, flags: int, norm: NormFn | None) -> Tensor:
     """A layer-wise rule's per-parameter floats: its norm pass's sums made global norms, then the rule's math."""
     named = dict(zip(kernel.coefficients, c))
     sums = None
@@ -428,7 +476,7 @@ def _item_coefficients(lib: ctypes.CDLL, kernel: NativeKernel, bucket: tuple, la
         status = lib.hf_optim_norms(*bucket, *layout, sums.data_ptr())
         if status:
             raise RuntimeError(f"cpu_step: the norm pass failed (status {status})")
-    out = kernel.item_coefficients(named, sums, torch.tensor(numels, dtype=torch.float64), norm).contiguous()
+    out = kernel.item_coefficients(named, sums, numels, norm).contiguous()
     if out.shape != (len(numels), len(kernel.per_parameter)):  # the binding names each column the C side reads
         raise RuntimeError(f"cpu_step: {kernel.binding.layerwise} returned {tuple(out.shape)} per-parameter floats, "
                            f"the binding names {len(kernel.per_parameter)} ({', '.join(kernel.per_parameter)})")

@@ -80,7 +80,7 @@ class LAMB(UpdateRule):
     example = {"lr": 1e-2, "betas": (0.85, 0.99), "eps": 1e-5, "weight_decay": 0.1}
 
     # a norm pass, then the update; bias_correction changes only coefficients, and exclude_bias_and_norm with
-    # param_ndim <= 1 is the kernel's plain step (FLAG_PLAIN)
+    # ndim <= 1 is the kernel's plain step (FLAG_PLAIN)
     native = NativeBinding(
         kernel="lamb",
         coefficients=("lr", "weight_decay", "beta1", "one_minus_beta1", "beta2", "one_minus_beta2",

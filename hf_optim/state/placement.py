@@ -55,6 +55,9 @@ class Placement:
     options: ClassVar[Mapping[str, Any]] = {}
     #: how the error for an option given to another placement suggests picking this one
     hint: ClassVar[str] = ""
+    #: True only where ``run`` is the plain call and state never moves between steps: the engine may then
+    #: step a group from its cached native kernel calls without calling ``run`` (``hf_optim.buckets``)
+    reuses_kernel_calls: ClassVar[bool] = False
 
     def prepare(self, states: MutableMapping[Tensor, dict[str, Tensor]],
                 makers: Iterable[tuple[Tensor, Callable[..., dict[str, Tensor]]]]) -> None:
@@ -89,6 +92,8 @@ class Placement:
 
 class DevicePlacement(Placement):
     """State beside its parameter: the null object (the base class's behaviour, by name)."""
+
+    reuses_kernel_calls = True
 
 
 #: placement name -> its class (``register_placement`` adds to it)

@@ -35,9 +35,11 @@ def loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def make_optimizer(name: str, model: nn.Module):
+    """``name`` is a registry name, stepped eagerly, or ``name@execution`` (``lamb@native``)."""
     import hf_optim
 
-    return hf_optim.create_optimizer(name, model, execution="eager", **HYPER)
+    name, _, execution = name.partition("@")
+    return hf_optim.create_optimizer(name, model, execution=execution or "eager", **HYPER)
 
 
 def single_process_run(name: str, steps: int) -> tuple[list[float], dict[str, torch.Tensor]]:
