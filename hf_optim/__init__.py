@@ -31,6 +31,7 @@ _EXPORTS: dict[str, str] = {
     "OptimizerSpec": ".registry",
     "create_optimizer": ".registry",
     "get_spec": ".registry",
+    "register_placement": ".state.placement",
     "register_rule": ".rules.registry",
     "hf_optim_names": ".registry",
     "resolve": ".registry",
@@ -57,6 +58,7 @@ _NAMES = [
     "hf_optim_names",
     "memory_table",
     "recommend",
+    "register_placement",
     "register_rule",
     "resolve",
     "translate_hparams",
@@ -102,3 +104,4 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, eagerly
     from .registry import OptimizerSpec, create_optimizer, get_spec, hf_optim_names, resolve
     from .rules.registry import register_rule
     from .schedules import get_scheduler
+    from .state.placement import register_placement

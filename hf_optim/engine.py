@@ -31,8 +31,8 @@ from .execution import (
     with_state,
     working_item,
 )
-from .kernels import native, triton_step
-from .plan import EXECUTOR, MODES, compiler_available
+from .kernels import native
+from .plan import EXECUTOR, MODES, choose_mode, compiler_available, native_error
 from .rules.base import NO_PARAM_INFO, Buffer, ParamInfo, UpdateRule
 from .sharding import local as _local  # (under the names the step and configuration code has always used)
 from .sharding import norm_for as _norm_for
@@ -140,7 +140,7 @@ class Optimizer(torch.optim.Optimizer):
             warn_user("hf_optim: no C++ compiler or GPU found; the compiled step runs eagerly.")
         why = native.rule_unsupported(self.rule) if execution == "native" else None
         if why:
-            raise self._native_error(why)
+            raise ValueError(native_error(type(self).__name__, why))
         total = sum(p.numel() for g in self.param_groups for p in g["params"])
         # where "auto" cannot step natively: compiled for large models, eager for small ones (compile time)
         self._compiled = execution == "auto" and total >= AUTO_COMPILE_MIN_NUMEL and compiler_available()
@@ -329,32 +329,13 @@ class Optimizer(torch.optim.Optimizer):
         return loss
 
     def _mode(self, config: StepConfig, device: torch.device) -> str:
-        """How one bucket steps under ``self.execution`` (cached per configuration and device)."""
+        """How one bucket steps under ``self.execution`` (``plan.choose_mode``; cached per configuration, device)."""
         key = (id(config), device)
         mode = self._modes.get(key)
         if mode is None:
-            if self.execution in ("eager", "compiled"):
-                mode = self.execution
-            elif self.execution == "triton" or (self.execution == "auto" and device.type == "cuda"):
-                why = triton_step.unsupported(config.rule, config.codecs, dict(config.flags), config.param_dtype,
-                                              device)
-                if why is not None and self.execution == "triton":
-                    raise ValueError(f"Invalid execution: 'triton' for {type(self).__name__}: {why}")
-                mode = "triton" if why is None else "compiled" if self._compiled else "eager"
-            else:
-                why = native.unsupported(config.rule, config.codecs, dict(config.flags), config.param_dtype, device)
-                if why is None:
-                    mode = "native"
-                elif self.execution == "native":
-                    raise self._native_error(why)
-                else:
-                    mode = "compiled" if self._compiled else "eager"
-            self._modes[key] = mode
+            fallback = "compiled" if self._compiled else "eager"
+            mode = self._modes[key] = choose_mode(self.execution, config, device, fallback, type(self).__name__)
         return mode
-
-    def _native_error(self, why: str) -> ValueError:
-        return ValueError(f"Invalid execution: 'native' for {type(self).__name__}: {why} "
-                          f"(native kernels: {', '.join(native.KERNELS)}; 'auto' falls back to compiled or eager)")
 
     def _config(self, p: Tensor, name: str | None, group: Mapping[str, Any], rule: type[UpdateRule],
                 settings: tuple[dict[str, Any], dict, tuple]) -> StepConfig:

@@ -351,6 +351,32 @@ def compile_settings(emulate_casts: bool = False) -> Iterator[None]:
 EXECUTOR = Executor()
 
 
+def choose_mode(execution: str, config: StepConfig, device: torch.device, fallback: str, owner: str) -> str:
+    """How a bucket steps under ``execution`` (``"auto"`` or a mode) on ``device``.
+
+    ``"eager"``/``"compiled"`` as asked; ``"triton"`` (and ``"auto"`` on CUDA) and ``"native"`` (``"auto"``
+    elsewhere) where the kernel takes the configuration, else ``fallback`` under ``"auto"`` and a ``ValueError``
+    saying why when the mode was asked for by name (``owner``: the optimizer class, for the message).
+    """
+    if execution in ("eager", "compiled"):
+        return execution
+    flags = dict(config.flags)
+    if execution == "triton" or (execution == "auto" and device.type == "cuda"):
+        why = triton_step.unsupported(config.rule, config.codecs, flags, config.param_dtype, device)
+        if why is not None and execution == "triton":
+            raise ValueError(f"Invalid execution: 'triton' for {owner}: {why}")
+        return "triton" if why is None else fallback
+    why = native.unsupported(config.rule, config.codecs, flags, config.param_dtype, device)
+    if why is not None and execution == "native":
+        raise ValueError(native_error(owner, why))
+    return "native" if why is None else fallback
+
+
+def native_error(owner: str, why: str) -> str:
+    return (f"Invalid execution: 'native' for {owner}: {why} "
+            f"(native kernels: {', '.join(native.KERNELS)}; 'auto' falls back to compiled or eager)")
+
+
 def compiler_available() -> bool:
     """Whether torch.compile can build kernels here (a C++ compiler on CPU)."""
     import shutil
