@@ -265,6 +265,37 @@ def test_native_auto_and_paged_match_eager(case, tmp_path):
     assert_same(case, ours, eager)
 
 
+#: layouts whose parameters the native kernel takes as they are (contiguous), so a group can reuse its kernel calls
+RAW_LAYOUTS = {"contiguous", "scalar", "ragged", "under_block"}
+
+
+def cached_case(seed: int) -> Case:
+    """A drawn case trimmed to what the bucket cache takes: a native rule and storage, fp32/bf16 parameters the
+    kernel reads as they are, the device placement (the plain draw reaches this corner too rarely to rely on)."""
+    case = draw(40_000 + seed, ("native",))
+    rng = random.Random(40_000 + seed)
+    rule = rng.choice(sorted(native.KERNELS))
+    return Case(**{**case.__dict__, "rule": rule, "hp": hyperparameters(rule, rng), "execution": "native",
+                   "placement": "device", "storage": rng.choice(["fp32", "8bit"]),
+                   "dtype": rng.choice([torch.float32, torch.bfloat16]),
+                   "layouts": tuple(rng.sample(sorted(RAW_LAYOUTS), k=3)),
+                   "reload": rng.choice([None, "same", "fp32", "8bit"]),
+                   # a different set of parameters with gradients every step rebuilds the cache every step
+                   "grads": rng.choice(["dense", "zeros", "frozen_then_unfrozen"])})
+
+
+CACHED = [cached_case(seed) for seed in range(4 * FUZZ)]
+
+
+@pytest.mark.parametrize("case", CACHED, ids=str)
+def test_drawn_cases_step_from_the_bucket_cache_as_eager_does(case, tmp_path):
+    """The seam between the ordinary native path and the bucket cache (hf_optim.buckets): drawn cases that the
+    cache can take must really be stepped from it, and still match eager."""
+    ours = run(case, "native", "device", tmp_path)
+    assert ours[1]._buckets.hits > 0, f"the bucket cache never stepped: {case}"
+    assert_same(case, ours, run(case, "eager", "device", tmp_path))
+
+
 @pytest.mark.skipif(not compiler_available(), reason="no C++ compiler for torch.compile")
 @pytest.mark.parametrize("case", COMPILED, ids=str)
 def test_compiled_matches_eager(case, tmp_path):
