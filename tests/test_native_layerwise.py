@@ -43,7 +43,13 @@ CASES = [
 NORM_FREE = {"exp_avg", "exp_avg_sq", "exp_avg.codes", "exp_avg.absmax", "exp_avg_sq.codes", "exp_avg_sq.absmax"}
 
 
-def run(execution, cls, hp, dtype, precision, steps, poison_step=None, shapes=EAGER_SHAPES, spike_step=None):
+#: what a poisoned step writes into a gradient: NaN, values whose square overflows fp32 (the second moment turns
+#: Inf, and StableAdamW's g / sqrt(v) is 0 there, not NaN), or Inf
+POISONS = {"nan": (float("nan"),), "huge": (3e19, -1e20), "inf": (float("inf"), 1.0)}
+
+
+def run(execution, cls, hp, dtype, precision, steps, poison_step=None, shapes=EAGER_SHAPES, spike_step=None,
+        poison="nan"):
     gen = torch.Generator().manual_seed(1)
     params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(dtype)) for s in shapes]
     options = {"state_precision": precision, **({"min_8bit_size": 0} if precision == "8bit" else {})}
@@ -53,15 +59,16 @@ def run(execution, cls, hp, dtype, precision, steps, poison_step=None, shapes=EA
         for p in params:
             g = torch.randn(p.shape, generator=grads) * math.exp(2 * torch.randn((), generator=grads).item())
             if step == poison_step and g.numel() > 10:
-                g.view(-1)[3] = float("nan")
+                values = POISONS[poison]
+                g.view(-1)[3 : 3 + len(values)] = torch.tensor(values)
             p.grad = g.to(dtype) * (100 if step == spike_step else 1)  # a spike: StableAdamW's clipping engages
         opt.step()
     return params, opt
 
 
-def assert_close_to_eager(cls, hp, dtype, precision, steps=6, poison_step=None):
-    eager, eager_opt = run("eager", cls, hp, dtype, precision, steps, poison_step)
-    ours, ours_opt = run("native", cls, hp, dtype, precision, steps, poison_step)
+def assert_close_to_eager(cls, hp, dtype, precision, steps=6, poison_step=None, poison="nan"):
+    eager, eager_opt = run("eager", cls, hp, dtype, precision, steps, poison_step, poison=poison)
+    ours, ours_opt = run("native", cls, hp, dtype, precision, steps, poison_step, poison=poison)
     assert set(ours_opt._modes.values()) == {"native"}
     for a, b in zip(eager, ours):
         assert torch.equal(a.isnan(), b.isnan())
@@ -122,6 +129,15 @@ def test_native_lars_8bit_step_from_the_eager_state_stays_within_a_code():
 @pytest.mark.parametrize(("cls", "hp"), [CASES[0], CASES[3], CASES[5]])
 def test_nan_gradients_spread_through_the_norm_as_in_the_eager_step(cls, hp):
     assert_close_to_eager(cls, hp, torch.float32, "fp32", steps=4, poison_step=2)
+
+
+@pytest.mark.parametrize("poison", ["huge", "inf"])
+@pytest.mark.parametrize("precision", ["fp32", "8bit"])
+@pytest.mark.parametrize(("cls", "hp"), [CASES[0], CASES[5]])
+def test_overflowing_and_infinite_gradients_step_as_in_the_eager_step(cls, hp, precision, poison):
+    # the norm passes write their own forms (StableAdamW's g / w * g for (g * rsqrt(w))^2) and, over fp32 state,
+    # store the new moments for the update pass: both must agree with the eager step where g^2 overflows
+    assert_close_to_eager(cls, hp, torch.float32, precision, steps=4, poison_step=1, poison=poison)
 
 
 def test_thousands_of_small_tensors_step_in_one_bucket_as_eager():

@@ -78,9 +78,12 @@ def coefficient_header(kernels: Mapping[str, NativeKernel] | None = None,
     rules = ", ".join(k.binding.kernel for k in ordered)
     norms = ", ".join(f"{k.binding.kernel}_norms" if k.binding.layerwise else "NULL" for k in ordered)
     streams = ", ".join(f"{k.binding.kernel.upper()}_NORM_STREAMS" if k.binding.layerwise else "0" for k in ordered)
-    lines += ["", "/* by RULE_ index: each rule's block function, its norm pass (NULL: elementwise), what it reads */",
+    stored = ", ".join(f"{k.binding.kernel.upper()}_STORED_UPDATE_STREAMS" if k.binding.layerwise else "READ_ALL"
+                       for k in ordered)
+    lines += ["", "/* by RULE_ index: each rule's block function, its norm pass (NULL: elementwise), what that reads, "
+              "and what the update pass reads after a norm pass over fp32 state */",
               f"#define RULE_FUNCTIONS {rules}", f"#define NORM_FUNCTIONS {norms}", f"#define NORM_STREAMS {streams}",
-              "", "#endif", ""]
+              f"#define STORED_UPDATE_STREAMS {stored}", "", "#endif", ""]
     return "\n".join(lines)
 
 

@@ -34,6 +34,9 @@ typedef struct {
 } item_t;
 
 #include "hf_optim_coefficients.h" /* generated: RULE_*, FLAG_*, each rule's coefficient indices */
+/* not a rule's flag: set by the entry points when every state buffer is fp32, so a block's s[k] is the state itself
+   and a layer-wise rule's norm pass may store its new moments there for the update pass (cpu_layerwise.h) */
+#define FLAG_FP32_STATE (1 << 30)
 #include "cpu_quantize.h"
 #include "cpu_rules.h"
 #include "cpu_layerwise.h"
@@ -55,6 +58,7 @@ typedef void norm_fn(NORM_ARGS);
 static rule_fn *const RULES[] = { RULE_FUNCTIONS };
 static norm_fn *const NORMS[] = { NORM_FUNCTIONS };
 static const int NORM_READS[] = { NORM_STREAMS }; /* what each norm pass reads (READ_*; cpu_layerwise.h) */
+static const int STORED_UPDATE_READS[] = { STORED_UPDATE_STREAMS }; /* ... and the update pass after it, fp32 state */
 #define N_RULES ((int)(sizeof(RULES) / sizeof(RULES[0])))
 
 /* ---- one block of one parameter ---- */
@@ -79,6 +83,9 @@ typedef struct {
 /* always inlined: as a function of its own, gcc judges a prefetch-only body side-effect free and deletes the call
    (a stream the pass does not read is not prefetched: that would double a StableAdamW norm pass's traffic) */
 static inline __attribute__((always_inline)) void prefetch_ahead(const spec_t *sp, const item_t *it, int64_t off) {
+#ifdef NO_PREFETCH
+  return;
+#endif
   if (off + (PREFETCH_AHEAD + 1) * BLOCK > it->numel) return;
   const int64_t ahead = off + PREFETCH_AHEAD * BLOCK;
   const int size = sp->param_dtype == PARAM_FP32 ? 4 : 2;
@@ -157,6 +164,12 @@ static void step_block(const spec_t *sp, const item_t *it, int64_t item, int64_t
   }
 }
 
+static int fp32_state(int n_buffers, const int *storage) {
+  for (int k = 0; k < n_buffers; ++k)
+    if (storage[k] != STORE_FP32) return 0;
+  return FLAG_FP32_STATE;
+}
+
 /* the item holding global block b: ``first_block[i]`` is the running count of blocks before item i */
 static inline int64_t item_of(const int64_t *first_block, int64_t n_items, int64_t b) {
   int64_t lo = 0, hi = n_items - 1;
@@ -172,9 +185,13 @@ static inline int64_t item_of(const int64_t *first_block, int64_t n_items, int64
 int hf_optim_step_items(int rule, const item_t *items, int64_t n_items, const int64_t *first_block,
                         const float *coefficients, const float *item_coefficients, int n_item_coefficients,
                         int n_buffers, const int *storage, int param_dtype, int flags, int n_threads) {
-  if (rule < 0 || rule >= N_RULES || n_buffers > MAX_BUFFERS) return 1;
+  if (rule < 0 || rule >= N_RULES || n_buffers > MAX_BUFFERS || flags & FLAG_FP32_STATE) return 1;
+  flags |= fp32_state(n_buffers, storage);
+  /* after a norm pass (no FLAG_PLAIN) over fp32 state, the update may read less than everything */
+  const int reads = NORMS[rule] && flags & FLAG_FP32_STATE && !(flags & FLAG_PLAIN) ? STORED_UPDATE_READS[rule]
+                                                                                      : READ_ALL;
   const spec_t sp = { RULES[rule], NORMS[rule], coefficients, item_coefficients, n_item_coefficients, n_buffers,
-                      param_dtype, flags, storage, READ_ALL };
+                      param_dtype, flags, storage, reads };
   const int64_t total = first_block[n_items];
   for (int64_t i = 0; i < n_items; ++i)
     if (items[i].counter) *(float *)items[i].counter += 1.0f;
@@ -195,11 +212,13 @@ int hf_optim_step(int rule, const item_t *items, int64_t n_items, const int64_t 
 }
 
 /* The norm pass of a layer-wise rule: ``sums[2 i], sums[2 i + 1]`` = item i's two local sums of squares (fp64
-   across blocks). Writes no parameter, state or counter. Returns 1 for a rule without one, 2 out of memory. */
+   across blocks). Writes no parameter or counter; over fp32 state a rule's pass may store its new moments, which
+   its update pass (hf_optim_step_items, next) then reads. Returns 1 for a rule without one, 2 out of memory. */
 int hf_optim_norms(int rule, const item_t *items, int64_t n_items, const int64_t *first_block,
                    const float *coefficients, int n_buffers, const int *storage, int param_dtype, int flags,
                    int n_threads, double *sums) {
-  if (rule < 0 || rule >= N_RULES || !NORMS[rule] || n_buffers > MAX_BUFFERS) return 1;
+  if (rule < 0 || rule >= N_RULES || !NORMS[rule] || n_buffers > MAX_BUFFERS || flags & FLAG_FP32_STATE) return 1;
+  flags |= fp32_state(n_buffers, storage);
   const spec_t sp = { RULES[rule], NORMS[rule], coefficients, NULL, 0, n_buffers, param_dtype, flags, storage,
                       NORM_READS[rule] };
   const int64_t total = first_block[n_items];
