@@ -71,10 +71,12 @@ static inline float level(float c, int is_signed) {
   return (s * s) * UNSIGNED_SCALE;
 }
 
+/* the signed level is c |c| K: c^2 and c |c| are the same exact integer up to sign, and a product's rounding is
+   symmetric, so this is copysign(c^2 K, c) bit for bit in two operations fewer */
 static void decode_signed(int n, const int8_t *restrict q, float scale, float *restrict out) {
   for (int i = 0; i < n; ++i) {
     float c = (float)q[i];
-    out[i] = copysignf(level(c, 1), c) * scale;
+    out[i] = ((c * fabsf(c)) * SIGNED_SCALE) * scale;
   }
 }
 

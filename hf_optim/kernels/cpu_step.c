@@ -83,9 +83,6 @@ typedef struct {
 /* always inlined: as a function of its own, gcc judges a prefetch-only body side-effect free and deletes the call
    (a stream the pass does not read is not prefetched: that would double a StableAdamW norm pass's traffic) */
 static inline __attribute__((always_inline)) void prefetch_ahead(const spec_t *sp, const item_t *it, int64_t off) {
-#ifdef NO_PREFETCH
-  return;
-#endif
   if (off + (PREFETCH_AHEAD + 1) * BLOCK > it->numel) return;
   const int64_t ahead = off + PREFETCH_AHEAD * BLOCK;
   const int size = sp->param_dtype == PARAM_FP32 ? 4 : 2;
