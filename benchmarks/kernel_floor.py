@@ -180,7 +180,8 @@ KERNELS = [("adamw_8bit", _INDEX["adamw"], 1), ("lion_8bit", _INDEX["lion"], 1),
            ("lamb", _INDEX["lamb"], 0), ("lamb_8bit", _INDEX["lamb"], 1), ("stable_adamw", _INDEX["stable_adamw"], 0),
            ("lars", _INDEX["lars"], 0)]
 SIZES = {"cache": (1 << 18, 2000), "16.8M": (1 << 24, 20)}  # elements, steps per timing
-#: the read floors measured (fp32 streams at 16.8M), and each step's passes in streams read (fp32 state)
+#: the read floors measured (fp32 streams at 16.8M), and each step's passes in streams read over fp32 state (what
+#: cpu_layerwise.h's <RULE>_NORM_STREAMS and <RULE>_STORED_UPDATE_STREAMS name; AdamW's update reads all four)
 STREAMS = (2, 3, 4)
 PASSES = {"adamw": (4,), "lamb": (4, 3), "stable_adamw": (2, 4), "lars": (2, 3)}
 ROUNDS = 5

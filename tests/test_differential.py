@@ -243,6 +243,22 @@ def assert_same(case: Case, ours, theirs) -> None:
 FAST = [draw(seed, ("native", "auto", "auto")) for seed in range(FAST_CASES)]
 
 
+def layerwise_case(seed: int) -> Case:
+    """A drawn case on a layer-wise native kernel (a norm pass, then the update): over fp32 state the norm pass
+    stores the new moments for the update pass, over 8-bit state it writes nothing. The plain draw reaches these
+    kernels a few times in 40, rarely with fp32 state."""
+    case = draw(30_000 + seed, ("native",))
+    rng = random.Random(30_000 + seed)
+    rule = rng.choice(sorted(name for name, kernel in native.KERNELS.items() if kernel.item_coefficients))
+    return Case(**{**case.__dict__, "rule": rule, "hp": hyperparameters(rule, rng), "execution": "native",
+                   "storage": rng.choice(["fp32", "fp32", "8bit"]),
+                   "dtype": rng.choice([torch.float32, torch.bfloat16]),
+                   "reload": rng.choice([None, "same", "fp32", "8bit"])})
+
+
+LAYERWISE = [layerwise_case(seed) for seed in range(6 * FUZZ)]
+
+
 def compiled_case(seed: int) -> Case:
     """A drawn case trimmed to what one compiled graph serves: 1-D working layouts (every size shares
     a dynamic-shape graph), one storage for the whole run (a converted reload would compile another)."""
@@ -258,7 +274,7 @@ def compiled_case(seed: int) -> Case:
 COMPILED = [compiled_case(seed) for seed in range(COMPILED_CASES)]
 
 
-@pytest.mark.parametrize("case", FAST, ids=str)
+@pytest.mark.parametrize("case", FAST + LAYERWISE, ids=str)
 def test_native_auto_and_paged_match_eager(case, tmp_path):
     ours = run(case, case.execution, case.placement, tmp_path)
     eager = run(case, "eager", "device", tmp_path)

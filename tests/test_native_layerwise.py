@@ -100,10 +100,11 @@ def test_native_layerwise_step_matches_eager(cls, hp, precision):
     assert_close_to_eager(cls, hp, torch.float32, precision)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "8bit"])
 @pytest.mark.parametrize("kahan", [True, False])
 @pytest.mark.parametrize(("cls", "hp"), [CASES[0], CASES[5]])
-def test_native_layerwise_bf16_parameters_match_eager(cls, hp, kahan):
-    assert_close_to_eager(cls, {**hp, "kahan_sum": kahan}, torch.bfloat16, "8bit")
+def test_native_layerwise_bf16_parameters_match_eager(cls, hp, kahan, precision):
+    assert_close_to_eager(cls, {**hp, "kahan_sum": kahan}, torch.bfloat16, precision)
 
 
 def test_native_lars_8bit_step_from_the_eager_state_stays_within_a_code():

@@ -29,22 +29,14 @@ static void lamb_norms(NORM_ARGS) {
               omb2 = c[LAMB_ONE_MINUS_BETA2], ibc1 = c[LAMB_INV_BIAS_CORRECTION1],
               ibc2s = c[LAMB_INV_BIAS_CORRECTION2_SQRT], eps = c[LAMB_EPS];
   float *restrict m = s[0], *restrict v = s[1];
+  const int store = flags & FLAG_FP32_STATE; /* the new moments, for the update pass (the eager step's are in place) */
   float pp = 0.0f, rr = 0.0f;
-  if (flags & FLAG_FP32_STATE) { /* the new moments stored for the update pass (the eager step's are in place too) */
 #pragma omp simd reduction(+ : pp, rr)
-    for (int i = 0; i < n; ++i) {
-      float gi = g[i], mi = m[i] * b1 + gi * omb1, vi = v[i] * b2 + (gi * gi) * omb2;
-      float r = (mi * ibc1) / (sqrtf(vi) * ibc2s + eps) + p[i] * wd;
-      pp += p[i] * p[i], rr += r * r;
-      m[i] = mi, v[i] = vi;
-    }
-  } else {
-#pragma omp simd reduction(+ : pp, rr)
-    for (int i = 0; i < n; ++i) {
-      float gi = g[i], mi = m[i] * b1 + gi * omb1, vi = v[i] * b2 + (gi * gi) * omb2;
-      float r = (mi * ibc1) / (sqrtf(vi) * ibc2s + eps) + p[i] * wd;
-      pp += p[i] * p[i], rr += r * r;
-    }
+  for (int i = 0; i < n; ++i) { /* a loop-invariant branch: the compiler makes two loops of it */
+    float gi = g[i], mi = m[i] * b1 + gi * omb1, vi = v[i] * b2 + (gi * gi) * omb2;
+    float r = (mi * ibc1) / (sqrtf(vi) * ibc2s + eps) + p[i] * wd;
+    pp += p[i] * p[i], rr += r * r;
+    if (store) m[i] = mi, v[i] = vi;
   }
   out[0] = pp, out[1] = rr;
 }
@@ -113,23 +105,15 @@ static void stable_adamw_norms(NORM_ARGS) {
   const float b2 = c[STABLE_ADAMW_BETA2], omb2 = c[STABLE_ADAMW_ONE_MINUS_BETA2],
               ibc2 = c[STABLE_ADAMW_INV_BIAS_CORRECTION2], eps_sq = c[STABLE_ADAMW_EPS_SQ];
   float *restrict v = s[1];
+  const int store = flags & FLAG_FP32_STATE; /* the new v, for the update pass */
   float xx = 0.0f;
   (void)p;
-  if (flags & FLAG_FP32_STATE) {
 #pragma omp simd reduction(+ : xx)
-    for (int i = 0; i < n; ++i) {
-      float gi = g[i], vi = v[i] * b2 + (gi * gi) * omb2, vh = vi * ibc2;
-      float w = vh != vh ? vh : (vh > eps_sq ? vh : eps_sq);
-      xx += (gi / w) * gi;
-      v[i] = vi;
-    }
-  } else {
-#pragma omp simd reduction(+ : xx)
-    for (int i = 0; i < n; ++i) {
-      float gi = g[i], vh = (v[i] * b2 + (gi * gi) * omb2) * ibc2;
-      float w = vh != vh ? vh : (vh > eps_sq ? vh : eps_sq);
-      xx += (gi / w) * gi;
-    }
+  for (int i = 0; i < n; ++i) {
+    float gi = g[i], vi = v[i] * b2 + (gi * gi) * omb2, vh = vi * ibc2;
+    float w = vh != vh ? vh : (vh > eps_sq ? vh : eps_sq);
+    xx += (gi / w) * gi;
+    if (store) v[i] = vi;
   }
   out[0] = xx, out[1] = 0.0f;
 }

@@ -22,7 +22,8 @@ class NativeBinding:
     """A rule's native kernel, by name.
 
     - ``kernel``: the C name of the rule's block function (``static void adamw(RULE_ARGS)``); a layer-wise rule also
-      has ``<kernel>_norms``, its norm pass.
+      has ``<kernel>_norms``, its norm pass, and ``<KERNEL>_NORM_STREAMS`` / ``<KERNEL>_STORED_UPDATE_STREAMS``, what
+      that pass and then the update pass read (``cpu_layerwise.h``).
     - ``coefficients``: the keys of ``rule.coefficients(...)`` the kernel reads, in the order native.py packs them
       (any order: the generated header names each position).
     - ``flags``: the rule's flags the kernel takes as bits (``FLAG_<NAME>`` in C).
